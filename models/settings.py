@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     telegram_token: str = ""
     webhook_secret: str = ""
     telegram_base_url: str = ""
-    embedding_model: str = Field(default="", description="sentence-transformers name or path; empty = bundled e5")
+    embedding_model: str = Field(
+        default="", description="sentence-transformers name or path; empty = bundled e5"
+    )
     holiday_file: Path | None = Field(default=None, description="extra holiday/workday YAML for future years")
     log_level: str = "INFO"
 
