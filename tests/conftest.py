@@ -59,12 +59,9 @@ def db(engine) -> Iterator[sessionmaker[Session]]:
     """A session factory on an empty database (all tables, no rows)."""
     metadata = _all_tables()
     with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
-            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-        else:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
+        # DELETE beats TRUNCATE on PostgreSQL for a few rows in many tables
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
     yield sessionmaker(engine, expire_on_commit=False)
 
 

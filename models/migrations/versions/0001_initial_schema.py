@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 02:18:58.641191
+Create Date: 2026-11-22 02:25:01.203773
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ def upgrade() -> None:
     op.create_table(
         "outbox",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("chat_id", sa.BigInteger(), nullable=False),
+        sa.Column("channel", sa.String(length=20), nullable=False),
+        sa.Column("chat_id", sa.String(length=64), nullable=False),
         sa.Column("text", sa.Text(), nullable=False),
         sa.Column("markup", sa.JSON(), nullable=True),
         sa.Column("ticket_id", sa.Integer(), nullable=True),
@@ -281,6 +282,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("dedupe_key", name=op.f("uq_outbox_dedupe_key")),
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_outbox_chat_id"), ["chat_id"], unique=False)
         batch_op.create_index("ix_outbox_pending", ["status", "next_attempt_at"], unique=False)
 
     op.create_table(
@@ -457,6 +459,7 @@ def downgrade() -> None:
     op.drop_table("pii_access_log")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index("ix_outbox_pending")
+        batch_op.drop_index(batch_op.f("ix_outbox_chat_id"))
 
     op.drop_table("outbox")
     with op.batch_alter_table("notices", schema=None) as batch_op:

@@ -1,0 +1,50 @@
+"""Conversation state kept in the database (table ``conversations``), so a restart loses nothing."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models.clock import now
+from models.tables import Conversation
+
+
+@dataclass
+class ChatState:
+    state: str = "idle"
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.state, self.data = "idle", {}
+
+    def start(self, state: str, **data: Any) -> str:
+        """Enter a new step with a fresh token; buttons carry the token so stale ones are recognised."""
+        token = secrets.token_hex(3)
+        self.state = state
+        self.data = {**data, "token": token}
+        return token
+
+    @property
+    def token(self) -> str:
+        return self.data.get("token", "")
+
+
+def load_state(session: Session, channel: str, chat_id: str) -> ChatState:
+    row = session.get(Conversation, (channel, str(chat_id)))
+    if row is None:
+        return ChatState()
+    return ChatState(row.state, dict(row.data or {}))
+
+
+def save_state(session: Session, channel: str, chat_id: str, st: ChatState) -> None:
+    row = session.get(Conversation, (channel, str(chat_id)))
+    if row is None:
+        row = Conversation(channel=channel, chat_id=str(chat_id))
+        session.add(row)
+    row.state = st.state
+    row.data = dict(st.data)
+    row.updated_at = now()
+    session.flush()
