@@ -20,6 +20,7 @@ from bot.cards import center_review_card, unit_card
 from bot.messages import Button, Incoming, Reply
 from bot.outbox import notify_unit
 from bot.services import Services
+from bot.staff import notify_rating
 from bot.state import ChatState, load_state, save_state
 from models.catalog import CENTER
 from models.clock import now
@@ -702,6 +703,7 @@ def _rate(ctx: Ctx, number: str, value: str) -> list[Reply]:
     if value not in ("satisfied", "basic"):
         return [Reply(texts.STALE_BUTTON)]
     rate(ctx.session, t, ctx.actor, value=value)
+    notify_rating(ctx.session, t)
     return [Reply(texts.THANKS_RATING.format(number=number))]
 
 
@@ -712,6 +714,7 @@ def _finish_unsatisfied(ctx: Ctx, text: str) -> list[Reply]:
     if t is None or t.status != "replied":
         return [Reply(f"工单 {number} 当前不在回访评价阶段。")]
     outcome = rate(ctx.session, t, ctx.actor, value="unsatisfied", comment=text)
+    notify_rating(ctx.session, t)
     if outcome == "redo":
         if t.lead_unit:
             notify_unit(

@@ -198,7 +198,7 @@ class HotlineBot:
 
     def handle(self, incoming: Incoming) -> list[Reply]:
         """Route to the citizen's or the government side's conversation (plain, blocking)."""
-        if incoming.is_private:
+        if incoming.is_private and incoming.command not in ("bind", "join"):
             return handle_citizen(self.services, incoming)
         from bot.staff import handle_group
 
@@ -242,17 +242,15 @@ class HotlineBot:
     async def flush_outbox(self, context: ContextTypes.DEFAULT_TYPE) -> None:
         async def send(msg: OutboxMessage) -> SendResult:
             result = await send_outbox_message(context.bot, msg)
-            if result.ok and msg.kind == "card":
+            if result.ok and msg.ticket_id is not None:
                 await asyncio.to_thread(self._record_card, msg, result.message_id)
             return result
 
         await deliver_due(self.services.sessions, "telegram", send)
 
     def _record_card(self, msg: OutboxMessage, message_id: int | None) -> None:
-        try:
-            from bot.staff import record_card_message
-        except ImportError:
-            return
+        from bot.staff import record_card_message
+
         with self.services.sessions.begin() as s:
             record_card_message(s, msg, message_id)
 

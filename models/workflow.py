@@ -246,6 +246,16 @@ def record_triage(
     return ticket
 
 
+def retype(session: Session, ticket: Ticket, actor: Actor, *, type: str) -> None:
+    """The center corrects the request type before dispatch (the limits follow the new type)."""
+    _check(ticket, "dispatch")
+    _require_center(actor)
+    if type not in REQUEST_TYPES:
+        raise WorkflowError(f"未知的诉求类型：{type}")
+    old, ticket.type = ticket.type, type
+    _event(session, ticket, actor, "retype", None, old=old, new=type)
+
+
 def reject(session: Session, ticket: Ticket, actor: Actor, *, key: str) -> dict[str, str]:
     """不予受理: record the reason, its basis and where to go; returns what the citizen is told."""
     _check(ticket, "reject")
@@ -370,6 +380,26 @@ def _set_dispatch_deadlines(ticket: Ticket, policy: Policy, at: datetime) -> Non
         ticket.respond_due = None
         ticket.finish_due = cal.add(start, policy.limit_for(ticket.type))
     ticket.base_finish_due = ticket.finish_due
+    # scheduler (issue 7): the yellow-card point for the new finish deadline
+    limit = Duration.parse(rule.finish) if rule is not None else policy.limit_for(ticket.type)
+    ticket.yellow_at = warning_point(policy, at if rule is not None else start, ticket.finish_due, limit)
+
+
+# --------------------------------------------------------------------------- scheduler (issue 7)
+
+
+def warning_point(policy: Policy, start: datetime, due: datetime, limit: Duration | None = None) -> datetime:
+    """When the yellow card for ``due`` is shown: once ``yellow_fraction`` of the time from ``start`` to
+    ``due`` has passed, or ``yellow_before`` before ``due``, whichever comes first. Limits counted in hours
+    get only the fraction (宿迁 第十八条 sets no "one working day before"), and a "before" point that is not
+    after ``start`` is ignored (a 1-working-day limit is not yellow from the start)."""
+    rule = policy.warning
+    point = start + (due - start) * rule.yellow_fraction
+    if rule.yellow_before and not (limit is not None and limit.unit in ("h", "m")):
+        before = _subtract(get_calendar(), due, Duration.parse(rule.yellow_before))
+        if start < before < point:
+            point = before
+    return point
 
 
 def sign(session: Session, ticket: Ticket, actor: Actor) -> None:
@@ -575,6 +605,7 @@ def decide_extension(
         old = ticket.finish_due
         ticket.finish_due = req.new_due
         ticket.extension_count += 1
+        ticket.yellow_at = warning_point(policy_of(ticket), now(), req.new_due)  # scheduler (issue 7)
         _event(
             session,
             ticket,
@@ -724,6 +755,7 @@ def rate(session: Session, ticket: Ticket, actor: Actor, *, value: str, comment:
         limit = Duration.parse(policy.redo.limit) if policy.redo.limit else policy.limit_for(ticket.type)
         ticket.finish_due = get_calendar().add(at, limit)
         ticket.base_finish_due = ticket.finish_due
+        ticket.yellow_at = warning_point(policy, at, ticket.finish_due, limit)  # scheduler (issue 7)
         ticket.survey_due = None
         _event(
             session,
