@@ -79,7 +79,7 @@ class FakeState:
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+    def handle_error(self, request, client_address) -> None:
         import sys
 
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
