@@ -68,6 +68,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bind(args: argparse.Namespace) -> int:
+    from bot.binding import cli_bind
+    from models.bootstrap import open_database
+
+    _, factory = open_database()
+    return cli_bind(args.kind, args.code, args.role, ttl_hours=args.hours, sessions=factory)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from models.bootstrap import open_database
+    from scheduler.runner import run_forever
+
+    _, factory = open_database()
+    return run_forever(factory)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.bootstrap import open_database
+    from models.clock import CHINA_TZ, now
+    from models.settings import get_settings
+    from scheduler.reports import period_bounds, render_text, weekly_report, write_files
+
+    _, factory = open_database()
+    start, end = period_bounds(args.period, now().astimezone(CHINA_TZ).date())
+    out_dir = Path(args.out) if args.out else get_settings().data_dir / "reports"
+    with factory() as session:
+        report = weekly_report(session, start, end, period=args.period)
+        paths = write_files(report, out_dir)
+    print(render_text(report))
+    for p in paths:
+        print(f"已写入 {p}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "sweep":
+        from scheduler.bench import bench_sweep
+
+        result = bench_sweep(n=args.n or 100_000, url=args.url or None)
+    elif args.what == "triage":
+        from triage.bench import bench_triage
+
+        result = bench_triage(**({"n": args.n} if args.n else {}))
+    elif args.what == "kb":
+        from kb.bench import bench_kb
+
+        result = bench_kb(**({"n_entries": args.n} if args.n else {}))
+    elif args.what == "embedding":
+        from triage.embedding_bench import bench_embedding
+
+        result = bench_embedding(**({"n": args.n} if args.n else {}))
+    else:
+        from bot.bench_e2e import bench_e2e
+
+        result = bench_e2e(**({"citizens": args.n} if args.n else {}), url=args.url or None)
+    print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+    return 0
+
+
 def add_more_commands(sub, command) -> None:
     """Register the remaining subcommands on the `hotline` parser."""
     p = sub.add_parser("run", help="run the bot (Telegram with a token, else the console channel)")
@@ -82,4 +143,24 @@ def add_more_commands(sub, command) -> None:
 
     sub.add_parser("chat", help="the citizen's conversation in this terminal")
     command("chat")(cmd_chat)
-    _ = json
+
+    p = sub.add_parser("bind", help="print a one-time code that binds a group chat to a unit or the center")
+    p.add_argument("kind", choices=["unit", "center"])
+    p.add_argument("code", nargs="?", help="unit code, e.g. chengguan")
+    p.add_argument("--role", default="", help="handler|leader (unit), operator|supervisor (center)")
+    p.add_argument("--hours", type=int, default=24, help="how long the code is valid")
+    command("bind")(cmd_bind)
+
+    sub.add_parser("scheduler", help="run the scheduler alone (deadline sweep, digests, reports)")
+    command("scheduler")(cmd_scheduler)
+
+    p = sub.add_parser("report", help="write the weekly or monthly report as PNG and CSV")
+    p.add_argument("--period", choices=["week", "month"], default="week")
+    p.add_argument("--out", default="", help="folder for the files (default: data folder/reports)")
+    command("report")(cmd_report)
+
+    p = sub.add_parser("bench", help="speed and memory benchmarks")
+    p.add_argument("what", choices=["triage", "kb", "sweep", "embedding", "e2e"])
+    p.add_argument("--n", type=int, default=0, help="size (messages, entries, tickets, citizens)")
+    p.add_argument("--url", default="", help="database URL for sweep/e2e (default: a temporary SQLite)")
+    command("bench")(cmd_bench)

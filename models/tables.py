@@ -132,6 +132,8 @@ class Ticket(Base):
         Index("ix_tickets_status_finish", "status", "finish_due"),
         Index("ix_tickets_status_sign", "status", "sign_due"),
         Index("ix_tickets_status_survey", "status", "survey_due"),
+        # scheduler (issue 7): the sweep finds yellow cards that have come due by this index
+        Index("ix_tickets_status_yellow", "status", "yellow_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -185,6 +187,8 @@ class Ticket(Base):
     base_finish_due: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)  # before extensions
     survey_due: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
     appeal_due: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    # scheduler (issue 7): the yellow-card warning point for finish_due, set with it in models/workflow.py
+    yellow_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
 
     extension_count: Mapped[int] = mapped_column(Integer, default=0)
     return_count: Mapped[int] = mapped_column(Integer, default=0)

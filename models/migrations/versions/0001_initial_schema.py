@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 02:25:01.203773
+Create Date: 2026-11-22 03:00:58.486776
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ def upgrade() -> None:
         sa.Column("base_finish_due", models.base.TZDateTime(timezone=True), nullable=True),
         sa.Column("survey_due", models.base.TZDateTime(timezone=True), nullable=True),
         sa.Column("appeal_due", models.base.TZDateTime(timezone=True), nullable=True),
+        sa.Column("yellow_at", models.base.TZDateTime(timezone=True), nullable=True),
         sa.Column("extension_count", sa.Integer(), nullable=False),
         sa.Column("return_count", sa.Integer(), nullable=False),
         sa.Column("redo_count", sa.Integer(), nullable=False),
@@ -228,6 +229,7 @@ def upgrade() -> None:
         batch_op.create_index("ix_tickets_status_finish", ["status", "finish_due"], unique=False)
         batch_op.create_index("ix_tickets_status_sign", ["status", "sign_due"], unique=False)
         batch_op.create_index("ix_tickets_status_survey", ["status", "survey_due"], unique=False)
+        batch_op.create_index("ix_tickets_status_yellow", ["status", "yellow_at"], unique=False)
 
     op.create_table(
         "attachments",
@@ -472,6 +474,7 @@ def downgrade() -> None:
 
     op.drop_table("attachments")
     with op.batch_alter_table("tickets", schema=None) as batch_op:
+        batch_op.drop_index("ix_tickets_status_yellow")
         batch_op.drop_index("ix_tickets_status_survey")
         batch_op.drop_index("ix_tickets_status_sign")
         batch_op.drop_index("ix_tickets_status_finish")
