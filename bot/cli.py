@@ -69,9 +69,14 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bot.demo import run_demo
+    if args.workflow:
+        from bot.demo import run_demo
 
-    run_demo(print, policy=args.policy)
+        run_demo(print, policy=args.policy)
+        return 0
+    from bot.demo_chat import run_chat_demo
+
+    run_chat_demo(None, print)
     return 0
 
 
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", help="walk one ticket through its whole life and print each step")
+    p = sub.add_parser("demo", help="a scripted conversation across citizen, unit and center chats")
+    p.add_argument("--workflow", action="store_true", help="instead: one ticket's lifecycle, step by step")
     p.add_argument("--policy", default=None)
 
     from bot.cli_more import add_more_commands
