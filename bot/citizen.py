@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from bot import texts
 from bot.cards import center_review_card, unit_card
+from bot.inbox import Step
 from bot.messages import Button, Incoming, Reply
 from bot.outbox import notify_unit
 from bot.services import Services
@@ -83,14 +84,23 @@ def get_or_create_citizen(session: Session, channel: str, external_id: str) -> C
     return c
 
 
-def handle_citizen(services: Services, msg: Incoming) -> list[Reply]:
-    """One step of the citizen's conversation; state is loaded and saved in the same transaction."""
+def handle_citizen(services: Services, msg: Incoming, *, step: Step | None = None) -> list[Reply]:
+    """One step of the citizen's conversation; state is loaded and saved in the same transaction.
+
+    With a ``step`` (issue 8, the Telegram channel), the update is marked processed and the replies are
+    written to the outbox in that same transaction, so a replayed update changes nothing (it returns no
+    replies: they are already in the outbox) and a crash before sending loses no reply.
+    """
     with services.sessions.begin() as session:
+        if step is not None and not step.claim(session):
+            return []
         citizen = get_or_create_citizen(session, msg.channel, msg.user_id)
         st = load_state(session, msg.channel, msg.chat_id)
         ctx = Ctx(services, session, msg, st, citizen, load_policy(services.policy_name))
         replies = _route(ctx)
         save_state(session, msg.channel, msg.chat_id, st)
+        if step is not None:
+            step.keep_replies(session, replies)
         return replies
 
 
@@ -548,7 +558,8 @@ def _submit(ctx: Ctx) -> list[Reply]:
             dedupe_key=f"confirm:{ticket.id}",
         )
         return [Reply(texts.REVIEW_QUEUED.format(number=ticket.number), remove_keyboard=True)]
-    dispatch(s, ticket, SYSTEM, lead=units[0], co=units[1:2])
+    co = [u for u in tri.get("co_units") or [] if u in units[1:]]
+    dispatch(s, ticket, SYSTEM, lead=units[0], co=co)
     for tu in ticket.units:
         notify_unit(
             s,

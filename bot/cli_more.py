@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_sweep(n=args.n or 100_000, url=args.url or None)
     elif args.what == "triage":
-        from triage.bench import bench_triage
+        from triage.commands import bench_triage
 
         result = bench_triage(**({"n": args.n} if args.n else {}))
     elif args.what == "kb":
@@ -126,6 +126,105 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_e2e(**({"citizens": args.n} if args.n else {}), url=args.url or None)
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+    return 0
+
+
+def cmd_triage(args: argparse.Namespace) -> int:
+    from models.policy import load_policy
+    from models.settings import get_settings
+    from triage.commands import triage_stream
+    from triage.pipeline import Triager
+
+    lookup = None
+    if not args.no_kb:
+        from bot.services import ProductBrain
+        from models.bootstrap import open_database
+
+        _, factory = open_database()
+        brain = ProductBrain(factory, get_settings().policy)
+        brain.refresh_kb()
+        lookup = brain._kb_lookup
+    triager = Triager.load(policy=load_policy(args.policy or get_settings().policy), kb_lookup=lookup)
+    triage_stream(triager, sys.stdin, sys.stdout)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from triage.trainer import DEFAULT_DATA, train
+
+    data = Path(args.data) if args.data else DEFAULT_DATA
+    print(json.dumps(train(Path(args.out) if args.out else None, data, seed=args.seed), ensure_ascii=False))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from triage.commands import evaluate_file
+    from triage.pipeline import Triager
+
+    print(json.dumps(evaluate_file(Triager.load(), args.file), ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from triage.embedding import model_dir
+    from triage.embedding_build import build_model
+
+    dest = build_model(model_dir(), overwrite=args.force)
+    print(f"嵌入模型已就绪：{dest}")
+    return 0
+
+
+def cmd_kb(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kb import io as kb_io
+    from kb import store
+    from models.bootstrap import open_database
+
+    _, factory = open_database()
+    if args.action in ("import", "export") and not args.arg:
+        print("请指定文件路径（.yaml 或 .csv）", file=sys.stderr)
+        return 2
+    if args.action == "import":
+        path = Path(args.arg)
+        with factory.begin() as s:
+            fn = kb_io.import_csv if path.suffix == ".csv" else kb_io.import_yaml
+            result = fn(s, path)
+        print(result.summary())
+        return 0 if result.ok else 1
+    if args.action == "export":
+        path = Path(args.arg)
+        with factory() as s:
+            fn = kb_io.export_csv if path.suffix == ".csv" else kb_io.export_yaml
+            n = fn(s, path, unit=args.unit or None)
+        print(f"已导出 {n} 条到 {path}")
+        return 0
+    if args.action == "list":
+        with factory() as s:
+            for e in store.list_entries(s, unit=args.unit or None):
+                print(f"{e.id}  {e.unit:10s} {e.status:9s} v{e.version}  {(e.questions or [''])[0]}")
+        return 0
+    if args.action == "stale":
+        with factory() as s:
+            print(store.format_stale_report(store.stale_report(s, review_days=args.days), unit=args.unit or None))
+        return 0
+    from kb.retrieval import open_index
+
+    with factory() as s:
+        index = open_index(s)
+    hits = index.search(args.arg or "", k=3)
+    answer = index.answer(args.arg or "")
+    if args.json:
+        print(json.dumps({"answer": answer.entry_id if answer else None,
+                          "hits": [{"id": h.entry_id, "score": round(h.score, 4), "unit": h.unit,
+                                    "updated_at": str(h.updated_at), "question": h.question} for h in hits]},
+                         ensure_ascii=False, indent=2))
+        return 0
+    for h in hits:
+        print(f"{h.entry_id}  {h.score:.3f}  {h.unit:10s} {h.question}")
+    print("→ 直接答复：" + (answer.answer if answer else "无把握，转人工/工单"))
     return 0
 
 
@@ -150,6 +249,34 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("--role", default="", help="handler|leader (unit), operator|supervisor (center)")
     p.add_argument("--hours", type=int, default=24, help="how long the code is valid")
     command("bind")(cmd_bind)
+
+    p = sub.add_parser("triage", help="one message per line (or JSON lines) in, contract JSON out")
+    p.add_argument("--policy", default="")
+    p.add_argument("--no-kb", action="store_true", help="skip the knowledge-base lookup")
+    command("triage")(cmd_triage)
+
+    p = sub.add_parser("train", help="rebuild the triage model (deterministic)")
+    p.add_argument("--data", default="", help="folder of labelled real messages (default ../shared/data)")
+    p.add_argument("--out", default="", help="artifact folder (default triage/artifacts)")
+    p.add_argument("--seed", type=int, default=0)
+    command("train")(cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the triage model on a JSON-lines file")
+    p.add_argument("file")
+    command("eval")(cmd_eval)
+
+    p = sub.add_parser("model", help="build the offline embedding model")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--force", action="store_true")
+    command("model")(cmd_model)
+
+    p = sub.add_parser("kb", help="knowledge base: import, export, search, list, stale")
+    p.add_argument("action", choices=["import", "export", "search", "list", "stale"])
+    p.add_argument("arg", nargs="?", default="", help="file (import/export) or question (search)")
+    p.add_argument("--unit", default="")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--days", type=int, default=180, help="stale: not reviewed for this many days")
+    command("kb")(cmd_kb)
 
     sub.add_parser("scheduler", help="run the scheduler alone (deadline sweep, digests, reports)")
     command("scheduler")(cmd_scheduler)

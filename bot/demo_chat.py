@@ -115,7 +115,8 @@ def run_chat_demo(services: Services | None = None, out: Callable[[str], None] =
             ticket = s.scalars(select(Ticket).order_by(Ticket.id.desc())).first()
         if ticket is None or ticket.status == "triaged":
             if ticket is not None:
-                t.group(CENTER_CHAT, CENTER_USER, callback=t.button(CENTER_CHAT, "c:disp"))
+                # the operator reads the card and sends it to the unit whose duty it is
+                t.group(CENTER_CHAT, CENTER_USER, callback=f"c:disp:{ticket.id}:chengguan")
         with factory() as s:
             ticket = s.scalars(select(Ticket).order_by(Ticket.id.desc())).first()
         if ticket is None or ticket.lead_unit != "chengguan":

@@ -46,25 +46,30 @@ class ProductBrain:
         with self._lock:
             if self._triager is not None:
                 return
-            from triage.pipeline import Triager
-
             from models.policy import load_policy
+            from triage.pipeline import Triager
 
             self.refresh_kb()
             self._triager = Triager.load(policy=load_policy(self.policy_name), kb_lookup=self._kb_lookup)
 
     def refresh_kb(self) -> None:
-        from kb.retrieval import KnowledgeIndex
-        from kb.store import answerable_entries
-        from models.clock import now
-        from triage.embedding import get_encoder
+        from kb.retrieval import open_index
 
         with self.sessions() as s:
-            entries = answerable_entries(s, now().date())
-            self._kb_index = KnowledgeIndex.build(entries, get_encoder())
+            self._kb_index = open_index(s)
+
+    def _fresh_kb(self) -> None:
+        """Pick up entries that units added, edited or retired since the index was built."""
+        if self._kb_index is not None:
+            with self.sessions() as s:
+                self._kb_index.ensure_fresh(s)
 
     def __call__(self, text: str) -> dict[str, Any]:
         self.load()
+        try:
+            self._fresh_kb()
+        except Exception:  # a database hiccup must not stop triage; the old index still answers
+            log.warning("knowledge base refresh failed", exc_info=True)
         return self._triager.triage(text).to_dict()
 
 

@@ -27,7 +27,7 @@ def init_database(engine: Engine, *, seed_kb: bool = True) -> dict[str, int]:
             except ImportError:  # pragma: no cover - kb is part of the product
                 load_seed = None
             if load_seed is not None:
-                stats["kb_loaded"] = load_seed(session) or 0
+                stats["kb_loaded"] = len(load_seed(session).created)
     return stats
 
 

@@ -73,13 +73,21 @@ class WorkCalendar:
         """
         whole = math.floor(days)
         frac = days - whole
-        cur = start
-        if not self.is_workday(cur.date()):
-            cur = datetime.combine(self.next_workday(cur.date()), time(0), tzinfo=cur.tzinfo)
-        d = cur.date()
-        for _ in range(whole):
-            d = self.next_workday(d)
-        result = datetime.combine(d, cur.timetz())
+        if not self.is_workday(start.date()):
+            # the clock starts at 00:00 of the next working day and runs to the end of the last counted
+            # working day (midnight after it, which may be a Saturday's 00:00)
+            d = self.next_workday(start.date())
+            if whole == 0:
+                result = datetime.combine(d, time(0), tzinfo=start.tzinfo)
+            else:
+                for _ in range(whole - 1):
+                    d = self.next_workday(d)
+                result = datetime.combine(d + timedelta(days=1), time(0), tzinfo=start.tzinfo)
+        else:
+            d = start.date()
+            for _ in range(whole):
+                d = self.next_workday(d)
+            result = datetime.combine(d, start.timetz())
         if frac:
             result += timedelta(hours=24 * frac)
         return result

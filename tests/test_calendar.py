@@ -26,6 +26,8 @@ def test_start_on_weekend_counts_from_next_working_day():
     cal = WorkCalendar([DEFAULT_HOLIDAY_FILE])
     # Saturday 21 Nov 2026: one working day = the whole of Monday
     assert cal.add(at(2026, 11, 21, 15, 30), "1wd") == at(2026, 11, 24, 0, 0)
+    # five working days from a Sunday: Monday to Friday, due at the end of Friday (Saturday 00:00)
+    assert cal.add(at(2026, 11, 22, 10, 0), "5wd") == at(2026, 11, 28, 0, 0)
 
 
 def test_hours_and_calendar_days_ignore_holidays():
