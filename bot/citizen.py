@@ -315,9 +315,8 @@ def _new_request(ctx: Ctx, text: str, photos: list[str] | None = None) -> list[R
 
 
 def _slim(result: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: result.get(k) for k in ("type", "units", "confidence", "urgent", "urgent_level", "needs_review")
-    }
+    keys = ("type", "units", "co_units", "confidence", "urgent", "urgent_level", "needs_review")
+    return {k: result.get(k) for k in keys}
 
 
 def _start_draft(ctx: Ctx, text: str, result: dict[str, Any], photos: list[str]) -> list[Reply]:

@@ -51,7 +51,6 @@ from models.tables import (
     Ticket,
     TicketCard,
     TicketEvent,
-    TicketRequest,
     TicketUnit,
     Unit,
 )
@@ -62,6 +61,7 @@ from models.workflow import (
     Actor,
     get_ticket,
     latest_reply,
+    pending_request,
     policy_of,
     request_appeal,
     request_extension,
@@ -319,18 +319,6 @@ def unit_name(session: Session, code: str | None) -> str:
 
 def _fmt(dt) -> str:
     return f"{dt:%Y-%m-%d %H:%M}" if dt else "—"
-
-
-def pending_request(session: Session, ticket: Ticket, kind: str) -> TicketRequest | None:
-    return session.scalars(
-        select(TicketRequest)
-        .where(
-            TicketRequest.ticket_id == ticket.id,
-            TicketRequest.kind == kind,
-            TicketRequest.decision == "pending",
-        )
-        .order_by(TicketRequest.id.desc())
-    ).first()
 
 
 # --------------------------------------------------------------------------- cards and where they are

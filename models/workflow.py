@@ -468,8 +468,9 @@ def request_return(
     return req
 
 
-def _pending_request(session: Session, ticket: Ticket, kind: str) -> TicketRequest:
-    req = session.scalars(
+def pending_request(session: Session, ticket: Ticket, kind: str) -> TicketRequest | None:
+    """The newest undecided return/extension/appeal request of a ticket, if any."""
+    return session.scalars(
         select(TicketRequest)
         .where(
             TicketRequest.ticket_id == ticket.id,
@@ -478,6 +479,10 @@ def _pending_request(session: Session, ticket: Ticket, kind: str) -> TicketReque
         )
         .order_by(TicketRequest.id.desc())
     ).first()
+
+
+def _pending_request(session: Session, ticket: Ticket, kind: str) -> TicketRequest:
+    req = pending_request(session, ticket, kind)
     if req is None:
         raise NotFound(f"工单 {ticket.number} 没有待审核的申请。")
     return req

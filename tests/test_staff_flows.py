@@ -64,6 +64,7 @@ def fake_triage(text: str) -> dict:
             "type": "complaint",
             "confidence": 0.93,
             "units": ["chengguan", "shichang"],
+            "co_units": ["shichang"],  # the request spans both units' duties
         }
     if "有点事情" in text:
         return {
