@@ -36,16 +36,16 @@ class Harness:
     async def expect(self, chat_id: int | str, fragment: str, *, after: int = 0, timeout: float = 20.0) -> Sent:
         return await asyncio.to_thread(self.api.wait_text, chat_id, fragment, after=after, timeout=timeout)
 
-    async def say(self, chat_id: int, text: str, expect: str, **kw) -> Sent:  # noqa: ANN003
+    async def say(self, chat_id: int, text: str, expect: str, **kw) -> Sent:
         mark = self.mark()
         self.api.message(chat_id, text, **kw)
         return await self.expect(chat_id, expect, after=mark)
 
-    async def press(self, chat_id: int, data: str, expect: str, **kw) -> Sent:  # noqa: ANN003
+    async def press(self, chat_id: int, data: str, expect: str, **kw) -> Sent:
         mark = self.mark()
         self.api.press(chat_id, data, **kw)
         return await self.expect(chat_id, expect, after=mark)
 
 
-def run(coro) -> None:  # noqa: ANN001
+def run(coro) -> None:
     asyncio.run(coro)

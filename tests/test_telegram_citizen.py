@@ -9,8 +9,8 @@ from bot.services import Services
 from kb.store import Editor, create_entry
 from models.catalog import load_catalog
 from models.tables import Attachment, ChatBinding, OutboxMessage, Ticket
-from tests.test_citizen_flow import fake_triage
 from tests.telegram_harness import Harness, run
+from tests.test_citizen_flow import fake_triage
 
 CITIZEN = 5001
 
