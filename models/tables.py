@@ -383,3 +383,25 @@ class Notice(Base):
     key: Mapped[str] = mapped_column(String(60), default="")  # e.g. the deadline it is about
     unit_code: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     at: Mapped[datetime] = mapped_column(TZDateTime, default=now)
+
+
+class InboundUpdate(Base):
+    """issue 8: a chat update the bot has taken from Telegram, kept until it has been processed.
+
+    Recorded before Telegram is told the update was received (the next getUpdates offset, or the webhook's
+    200), and marked done in the same transaction as the conversation step it causes; a bot killed in
+    between finds it pending after restart and processes it then, and a replayed update is recognised by its
+    id, so a step happens exactly once. The raw payload (which may hold a phone number from a shared
+    contact) is erased as soon as the update is done.
+    """
+
+    __tablename__ = "inbound_updates"
+    __table_args__ = (Index("ix_inbound_pending", "done_at", "received_at"),)
+
+    update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    chat_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(TZDateTime, default=now)
+    done_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)  # done|group|flood|ignored|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # replays after a crash

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 03:00:58.486776
+Create Date: 2026-11-22 04:16:20.545959
 """
 
 from __future__ import annotations
@@ -38,6 +38,20 @@ def upgrade() -> None:
         sa.Column("updated_at", models.base.TZDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("channel", "chat_id", name=op.f("pk_conversations")),
     )
+    op.create_table(
+        "inbound_updates",
+        sa.Column("update_id", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("chat_id", sa.String(length=64), nullable=True),
+        sa.Column("payload", sa.JSON(), nullable=True),
+        sa.Column("received_at", models.base.TZDateTime(timezone=True), nullable=False),
+        sa.Column("done_at", models.base.TZDateTime(timezone=True), nullable=True),
+        sa.Column("outcome", sa.String(length=20), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("update_id", name=op.f("pk_inbound_updates")),
+    )
+    with op.batch_alter_table("inbound_updates", schema=None) as batch_op:
+        batch_op.create_index("ix_inbound_pending", ["done_at", "received_at"], unique=False)
+
     op.create_table(
         "kb_entries",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -505,6 +519,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_kb_entries_status"))
 
     op.drop_table("kb_entries")
+    with op.batch_alter_table("inbound_updates", schema=None) as batch_op:
+        batch_op.drop_index("ix_inbound_pending")
+
+    op.drop_table("inbound_updates")
     op.drop_table("conversations")
     op.drop_table("citizens")
     # ### end Alembic commands ###

@@ -1,0 +1,209 @@
+"""The inbox (issue 8): every update taken from Telegram is processed exactly once, across crashes.
+
+Telegram forgets an update once the bot has acknowledged it (the next getUpdates offset, or a webhook's
+200), and python-telegram-bot acknowledges as soon as updates are queued, before they are processed. So:
+
+1. ``record_updates`` writes each update to ``inbound_updates`` *before* it is acknowledged;
+2. ``Step.claim`` marks it done in the same transaction as the conversation step it causes, and a
+   replayed update (Telegram sending it again after a restart, or our own replay) finds it done and is
+   skipped;
+3. ``Step.keep_replies`` writes the step's replies to the outbox in that transaction too, claimed for the
+   direct send that follows: if the bot dies before sending, the outbox delivers them when the claim ends;
+4. ``pending_updates`` hands a restarted (or surviving) bot the updates recorded but never done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, null, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from bot.messages import Reply
+from models.clock import now
+from models.tables import InboundUpdate, OutboxMessage
+
+log = logging.getLogger(__name__)
+
+# How long a reply written by a step stays reserved for the direct send that follows it. Longer than the
+# slowest send can take (the Telegram request timeouts in bot/telegram_app.py add up to ~30 s), so the
+# outbox never sends a reply the direct path is still sending; short enough that a reply orphaned by a
+# crash goes out within a minute.
+REPLY_CLAIM = timedelta(seconds=45)
+MAX_REPLAYS = 3  # an update whose step crashed the bot this often is given up (and logged)
+T = TypeVar("T")
+
+
+def is_disconnect(err: BaseException) -> bool:
+    """A database error that a fresh connection may not have (dropped connection, restart, lock)."""
+    if isinstance(err, DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(err, (OperationalError, InterfaceError))
+
+
+def with_db_retry(fn: Callable[[], T], *, attempts: int = 4, first_wait: float = 0.05) -> T:
+    """Run a whole transaction again when the database connection dropped under it (it was rolled back,
+    so running it again is safe). Blocking: call it in a worker thread."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:
+            if attempt == attempts - 1 or not is_disconnect(err):
+                raise
+            log.warning("database connection lost (%s); retrying", type(err).__name__)
+            time.sleep(first_wait * 3**attempt)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- recording
+
+
+def _insert_ignore(session: Session, rows: list[dict[str, Any]]) -> None:
+    dialect = session.bind.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the product runs on PostgreSQL or SQLite
+        for row in rows:
+            if session.get(InboundUpdate, row["update_id"]) is None:
+                session.add(InboundUpdate(**row))
+        return
+    session.execute(insert(InboundUpdate).values(rows).on_conflict_do_nothing(index_elements=["update_id"]))
+
+
+def record_updates(factory: sessionmaker[Session], items: Iterable[tuple[int, str | None, dict]]) -> int:
+    """Record updates as pending (ignoring ids already known); one transaction. Returns how many."""
+    at = now()
+    rows = [
+        dict(update_id=uid, chat_id=chat, payload=payload, received_at=at, attempts=0)
+        for uid, chat, payload in items
+    ]
+    if not rows:
+        return 0
+    with factory.begin() as s:
+        _insert_ignore(s, rows)
+    return len(rows)
+
+
+def mark_done(factory: sessionmaker[Session], update_id: int, outcome: str) -> bool:
+    """Mark an update done outside a conversation step (flood notice, ignored, failed, group claim).
+    Returns False when it was already done."""
+    with factory.begin() as s:
+        return _claim(s, update_id, None, outcome)
+
+
+def _claim(session: Session, update_id: int, chat_id: str | None, outcome: str) -> bool:
+    res = session.execute(
+        update(InboundUpdate)
+        .where(InboundUpdate.update_id == update_id, InboundUpdate.done_at.is_(None))
+        .values(done_at=now(), outcome=outcome, payload=null())
+    )
+    if res.rowcount == 1:
+        return True
+    if session.get(InboundUpdate, update_id) is not None:
+        return False  # done before: a replay
+    try:  # never recorded (it came by a path without the inbox): record it as done now
+        with session.begin_nested():
+            session.add(InboundUpdate(update_id=update_id, chat_id=chat_id, done_at=now(), outcome=outcome))
+        return True
+    except IntegrityError:
+        return False
+
+
+def chat_lock_key(channel: str, chat_id: str) -> int:
+    """A stable signed 64-bit number for a chat (PostgreSQL advisory lock key)."""
+    digest = hashlib.blake2b(f"{channel}:{chat_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass
+class Step:
+    """One update's conversation step; pass it to ``handle_citizen(..., step=...)``."""
+
+    update_id: int
+    chat_id: str
+    channel: str = "telegram"
+    outbox_ids: list[int] = field(default_factory=list)
+    replayed: bool = False
+
+    def claim(self, session: Session) -> bool:
+        """First statement of the step's transaction: False when the update was already processed.
+
+        On PostgreSQL it also takes a transaction lock on the chat, so that two bot processes (webhooks
+        behind a load balancer) never run two steps of one conversation at the same time."""
+        self.outbox_ids = []
+        if session.bind.dialect.name == "postgresql":
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": chat_lock_key(self.channel, self.chat_id)}
+            )
+        self.replayed = not _claim(session, self.update_id, self.chat_id, "done")
+        return not self.replayed
+
+    def keep_replies(self, session: Session, replies: list[Reply]) -> None:
+        """Last statement of the step's transaction: the replies, durable and reserved for the direct send."""
+        at = now()
+        rows = [
+            OutboxMessage(
+                channel=self.channel,
+                chat_id=str(r.chat_id or self.chat_id),
+                text=r.text,
+                markup=r.to_markup(),
+                kind="reply",
+                edit_message_id=r.edit_message_id,
+                status="sending",
+                attempts=1,
+                next_attempt_at=at + REPLY_CLAIM,
+                created_at=at,
+            )
+            for r in replies
+        ]
+        session.add_all(rows)
+        session.flush()
+        self.outbox_ids = [row.id for row in rows]
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def pending_updates(
+    factory: sessionmaker[Session], received_before: datetime, limit: int = 500
+) -> list[dict[str, Any]]:
+    """Payloads of updates recorded by ``received_before`` and never done (their bot died), oldest
+    first; each call counts as a replay, and an update replayed ``MAX_REPLAYS`` times is given up."""
+    out: list[dict[str, Any]] = []
+    with factory.begin() as s:
+        rows = s.scalars(
+            select(InboundUpdate)
+            .where(InboundUpdate.done_at.is_(None), InboundUpdate.received_at <= received_before)
+            .order_by(InboundUpdate.update_id)
+            .limit(limit)
+        ).all()
+        for row in rows:
+            if row.attempts >= MAX_REPLAYS or not row.payload:
+                log.error(
+                    "update %s could not be processed after %s replays; given up", row.update_id, row.attempts
+                )
+                row.done_at, row.outcome, row.payload = now(), "failed", None
+                continue
+            row.attempts += 1
+            out.append(dict(row.payload))
+    return out
+
+
+def prune(factory: sessionmaker[Session], older_than: timedelta = timedelta(days=2)) -> int:
+    """Forget done updates after a while (Telegram never re-sends an update older than a day)."""
+    with factory.begin() as s:
+        res = s.execute(
+            delete(InboundUpdate).where(
+                InboundUpdate.done_at.is_not(None), InboundUpdate.done_at < now() - older_than
+            )
+        )
+    return res.rowcount or 0
