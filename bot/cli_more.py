@@ -122,8 +122,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_embedding(**({"n": args.n} if args.n else {}))
     else:
-        from bot.bench_e2e import bench_e2e
-
+        try:
+            from bot.bench_e2e import bench_e2e
+        except ImportError:
+            print("端到端压测（bench e2e）尚未安装在此版本中。", file=sys.stderr)
+            return 2
         result = bench_e2e(**({"citizens": args.n} if args.n else {}), url=args.url or None)
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
     return 0

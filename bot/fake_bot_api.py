@@ -4,6 +4,17 @@ python-telegram-bot talks to it through ``base_url``. It records everything the 
 updates (messages, contacts, locations, photos, stickers, button presses) through getUpdates or to a
 webhook, and injects faults: 429 with retry_after, 500, slow answers, and 403 for users who blocked the
 bot. Run it alone with ``python -m bot.fake_bot_api --port 8081``.
+
+Run as a separate process (the end-to-end benchmark), it is driven over HTTP under ``/control/``:
+``POST /control/updates`` feeds updates (``{"updates": [{"kind": "message", "chat_id": 5, "text": "…"}]}``,
+kinds message | press | contact | location | photo, keyword arguments as the methods below), ``POST
+/control/fail`` and ``/control/block`` inject faults, ``GET /control/sent?after=N`` reads what the bot sent
+(with the server's timestamps) and ``GET /control/stats`` the counters.
+
+Like Telegram, an update is forgotten once getUpdates is called with a higher offset, and getUpdates without
+an offset returns the oldest update not yet confirmed, so a restarted bot gets again what it never
+confirmed. With ``balance_webhooks`` every URL given to setWebhook is kept and updates are posted to them
+in turn, as a load balancer in front of several bot processes would.
 """
 
 from __future__ import annotations
@@ -74,6 +85,12 @@ class FakeState:
     cond: threading.Condition = field(default_factory=threading.Condition)
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    confirmed: int = 0  # getUpdates offset: updates below it are confirmed and forgotten
+    pushed_at: dict[int, float] = field(default_factory=dict)  # update id -> when it was fed (time.time())
+    balance_webhooks: bool = False
+    webhook_urls: list[str] = field(default_factory=list)  # balance mode: every URL set, used in turn
+    webhook_turn: itertools.count = field(default_factory=itertools.count)
+    webhook_hits: dict[str, int] = field(default_factory=dict)  # URL -> updates it accepted
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -90,9 +107,9 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeBotAPI:
     """Start with ``start()``, feed with ``message()`` / ``press()`` …, read ``sent``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.state = FakeState()
-        self.server = _QuietServer((host, port), _make_handler(self.state))
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, balance_webhooks: bool = False) -> None:
+        self.state = FakeState(balance_webhooks=balance_webhooks)
+        self.server = _QuietServer((host, port), _make_handler(self.state, self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -115,10 +132,22 @@ class FakeBotAPI:
             uid = next(self.state.update_ids)
             update["update_id"] = uid
             self.state.updates.append(update)
+            self.state.pushed_at[uid] = time.time()
             self.state.cond.notify_all()
-        if self.state.webhook_url:
-            _post_webhook(self.state.webhook_url, self.state.webhook_secret, update)
+            targets = self._webhook_targets()
+        for url in targets:  # balance mode: the next bot takes it when one is down
+            if _post_webhook(url, self.state.webhook_secret, update):
+                with self.state.cond:
+                    self.state.webhook_hits[url] = self.state.webhook_hits.get(url, 0) + 1
+                break
         return uid
+
+    def _webhook_targets(self) -> list[str]:
+        st = self.state
+        if st.balance_webhooks and st.webhook_urls:
+            k = next(st.webhook_turn) % len(st.webhook_urls)
+            return st.webhook_urls[k:] + st.webhook_urls[:k]
+        return [st.webhook_url] if st.webhook_url else []
 
     @staticmethod
     def _chat(chat_id: int | str, chat_type: str) -> dict[str, Any]:
@@ -229,7 +258,7 @@ class FakeBotAPI:
         return self.wait_for(find, timeout)
 
 
-def _post_webhook(url: str, secret: str | None, update: dict[str, Any]) -> None:
+def _post_webhook(url: str, secret: str | None, update: dict[str, Any]) -> bool:
     import urllib.request
 
     req = urllib.request.Request(url, data=json.dumps(update).encode(), method="POST",
@@ -238,13 +267,70 @@ def _post_webhook(url: str, secret: str | None, update: dict[str, Any]) -> None:
         req.add_header("X-Telegram-Bot-Api-Secret-Token", secret)
     try:
         urllib.request.urlopen(req, timeout=10).read()
+        return True
     except Exception:  # the bot may be down: Telegram would retry; the test decides
-        pass
+        return False
 
 
-def _make_handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
+def _sent_json(i: int, s: Sent) -> dict[str, Any]:
+    markup = s.markup
+    return {"i": i, "method": s.method, "chat_id": s.chat_id, "text": s.text, "at": s.at,
+            "message_id": s.message_id, "buttons": s.buttons(), "keyboard": bool(markup.get("keyboard")),
+            "parse_mode": s.params.get("parse_mode"), "params": s.params}
+
+
+_FEED = {"message", "press", "contact", "location", "photo", "sticker", "voice"}
+
+
+def _control(state: FakeState, api: FakeBotAPI | None, method: str, path: str, p: dict[str, Any]) -> Any:
+    """The /control/ endpoints of a fake server running as its own process."""
+    what = path.removeprefix("/control/")
+    if what == "updates" and api is not None:
+        out = []
+        for u in p.get("updates", []):
+            u = dict(u)
+            kind = u.pop("kind", "message")
+            if kind not in _FEED:
+                raise ValueError(f"unknown update kind {kind!r}")
+            uid = getattr(api, kind)(**u)
+            out.append({"update_id": uid, "at": state.pushed_at[uid]})
+        return {"updates": out}
+    if what == "fail":
+        with state.cond:
+            state.faults.append(Fault(int(p["status"]), int(p.get("count", 1)), p.get("retry_after"),
+                                      float(p.get("delay", 0.0)),
+                                      tuple(p.get("methods") or ("sendMessage", "editMessageText", "sendPhoto"))))
+        return True
+    if what == "clear_faults":
+        with state.cond:
+            state.faults.clear()
+        return True
+    if what == "block":
+        state.blocked.add(str(p["chat_id"]))
+        return True
+    if what == "sent":
+        after = int(p.get("after") or 0)
+        with state.cond:
+            sent = state.sent[after:]
+        return {"next": after + len(sent), "sent": [_sent_json(after + k, s) for k, s in enumerate(sent)]}
+    if what == "stats":
+        from collections import Counter
+
+        with state.cond:
+            return {"updates_fed": len(state.pushed_at), "unconfirmed": len(state.updates),
+                    "confirmed_offset": state.confirmed, "sent": len(state.sent),
+                    "calls": dict(Counter(state.calls)), "faults_left": sum(f.count for f in state.faults),
+                    "webhooks": list(state.webhook_urls) or ([state.webhook_url] if state.webhook_url else []),
+                    "webhook_hits": dict(state.webhook_hits)}
+    raise KeyError(what)
+
+
+def _make_handler(state: FakeState, api: FakeBotAPI | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body go out in two writes; without TCP_NODELAY the body waits for the client's
+        # delayed ACK (~40 ms on every request), which real Telegram does not add
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:  # keep test output quiet
             return
@@ -283,6 +369,11 @@ def _make_handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
             path = urllib.parse.urlparse(self.path).path
             method = path.rsplit("/", 1)[-1]
             params = self._params()
+            if path.startswith("/control/"):
+                try:
+                    return self._reply(200, {"ok": True, "result": _control(state, api, method, path, params)})
+                except (KeyError, ValueError, TypeError) as err:
+                    return self._reply(400, {"ok": False, "description": f"bad control call: {err!r}"})
             with state.cond:
                 state.calls.append(method)
                 fault = next((f for f in state.faults if f.count > 0 and method in f.methods), None)
@@ -307,12 +398,15 @@ def _make_handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
             if method == "getMe":
                 return BOT_USER
             if method == "getUpdates":
-                offset = int(p.get("offset") or 0)
+                offset = max(int(p.get("offset") or 0), 0)
                 timeout = min(float(p.get("timeout") or 0), 2.0)
                 deadline = time.monotonic() + timeout
                 with state.cond:
+                    if offset > state.confirmed:  # confirms (and forgets) every update below the offset
+                        state.confirmed = offset
+                        state.updates = [u for u in state.updates if u["update_id"] >= offset]
                     while True:
-                        ready = [u for u in state.updates if u["update_id"] >= offset]
+                        ready = [u for u in state.updates if u["update_id"] >= state.confirmed]
                         left = deadline - time.monotonic()
                         if ready or left <= 0:
                             return ready[:100]
@@ -320,9 +414,12 @@ def _make_handler(state: FakeState) -> type[BaseHTTPRequestHandler]:
             if method in ("setWebhook",):
                 state.webhook_url = p.get("url") or None
                 state.webhook_secret = p.get("secret_token")
+                if state.balance_webhooks and state.webhook_url and state.webhook_url not in state.webhook_urls:
+                    state.webhook_urls.append(state.webhook_url)
                 return True
             if method in ("deleteWebhook",):
                 state.webhook_url = None
+                state.webhook_urls.clear()
                 return True
             if method == "getWebhookInfo":
                 return {"url": state.webhook_url or "", "has_custom_certificate": False, "pending_update_count": 0}
@@ -366,8 +463,10 @@ def _parse_multipart(body: bytes, ctype: str) -> dict[str, Any]:
 def main() -> None:  # pragma: no cover - a manual tool
     parser = argparse.ArgumentParser(description="fake Telegram Bot API server")
     parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--balance-webhooks", action="store_true",
+                        help="keep every webhook URL set and post updates to them in turn")
     args = parser.parse_args()
-    api = FakeBotAPI(port=args.port).start()
+    api = FakeBotAPI(port=args.port, balance_webhooks=args.balance_webhooks).start()
     print(f"fake Bot API on {api.base_url}", flush=True)
     try:
         api.thread.join()

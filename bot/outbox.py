@@ -8,15 +8,18 @@ the same notice from being queued twice) and at least once (a failed send stays 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bot.inbox import with_db_retry
 from bot.messages import Reply
 from models.clock import now
 from models.privacy import mask_text
@@ -24,7 +27,8 @@ from models.tables import ChatBinding, Citizen, OutboxMessage
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 12
-CLAIM_TIMEOUT = timedelta(minutes=2)
+CLAIM_TIMEOUT = timedelta(seconds=60)  # issue 8: was 2 min; sends stop after SEND_WINDOW
+SEND_WINDOW = timedelta(seconds=20)
 
 
 def enqueue(
@@ -130,6 +134,8 @@ class SendResult:
     retry_after: float | None = None  # seconds, from a 429
     permanent: bool = False  # e.g. the user blocked the bot: never retry
     error: str | None = None
+    deferred: bool = False  # issue 8: not tried (held behind an earlier failure); costs no attempt
+    rest: Reply | None = None  # issue 8: sent, except this part (a two-message Reply), to be queued
 
 
 Sender = Callable[[OutboxMessage], Awaitable[SendResult]]
@@ -164,37 +170,137 @@ def claim_batch(factory: sessionmaker[Session], channel: str, limit: int = 50) -
     return rows
 
 
-def record_result(factory: sessionmaker[Session], msg_id: int, result: SendResult) -> None:
-    at = now()
-    with factory.begin() as s:
-        row = s.get(OutboxMessage, msg_id)
-        if row is None:
-            return
-        if result.ok:
-            row.status, row.sent_at, row.sent_message_id, row.last_error = "sent", at, result.message_id, None
-            return
-        row.last_error = mask_text(result.error or "")[:500]
-        if result.permanent or row.attempts >= MAX_ATTEMPTS:
-            row.status = "failed"
-            log.warning("outbox message %s failed for good: %s", msg_id, row.last_error)
-            return
-        backoff = result.retry_after if result.retry_after is not None else min(300.0, 2.0**row.attempts)
+def _apply_result(session: Session, row: OutboxMessage, result: SendResult, at) -> None:
+    if result.ok:
+        row.status, row.sent_at, row.sent_message_id, row.last_error = "sent", at, result.message_id, None
+        if result.rest is not None:
+            enqueue(session, channel=row.channel, chat_id=row.chat_id, reply=result.rest, kind=row.kind)
+        return
+    if result.deferred:  # issue 8: never tried, so it costs no attempt
+        row.attempts = max(0, row.attempts - 1)
         row.status = "pending"
-        row.next_attempt_at = at + timedelta(seconds=backoff)
+        row.next_attempt_at = at + timedelta(seconds=result.retry_after or 0)
+        return
+    row.last_error = mask_text(result.error or "")[:500]
+    if result.permanent or row.attempts >= MAX_ATTEMPTS:
+        row.status = "failed"
+        log.warning("outbox message %s failed for good: %s", row.id, row.last_error)
+        return
+    backoff = result.retry_after if result.retry_after is not None else min(300.0, 2.0**row.attempts)
+    row.status = "pending"
+    row.next_attempt_at = at + timedelta(seconds=backoff)
 
 
-async def deliver_due(factory: sessionmaker[Session], channel: str, send: Sender, limit: int = 50) -> int:
-    """Send what is due once; returns how many were delivered."""
-    delivered = 0
-    for msg in claim_batch(factory, channel, limit):
-        try:
-            result = await send(msg)
-        except Exception as err:  # a bug in a sender must not lose the message
-            log.exception("sender crashed on outbox message %s", msg.id)
-            result = SendResult(ok=False, error=repr(err))
-        record_result(factory, msg.id, result)
-        delivered += int(result.ok)
-    return delivered
+def record_results(factory: sessionmaker[Session], results: dict[int, SendResult]) -> None:
+    """Record the outcome of several sends in one transaction (issue 8: retried if the database
+    connection drops, so a delivered message is not sent again when its claim ends)."""
+    if not results:
+        return
+
+    def write() -> None:
+        at = now()
+        plain = [
+            {"id": i, "status": "sent", "sent_at": at, "sent_message_id": r.message_id, "last_error": None}
+            for i, r in results.items()
+            if r.ok and r.rest is None
+        ]
+        others = [i for i, r in results.items() if not (r.ok and r.rest is None)]
+        with factory.begin() as s:
+            if plain:  # the common case, in one statement (no rows loaded)
+                s.execute(update(OutboxMessage), plain)
+            if others:
+                for row in s.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(others))).all():
+                    _apply_result(s, row, results[row.id], at)
+
+    with_db_retry(write)
+
+
+class ResultRecorder:
+    """issue 8: records send results as soon as they are known, sharing transactions: results that come in
+    while one transaction is being written go together in the next (a group commit), so recording costs
+    little under load and the gap between a send and its record stays a few milliseconds."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.pending: dict[int, SendResult] = {}
+        self._lock: asyncio.Lock | None = None
+        # its own thread: under load the shared worker threads have a queue, and every millisecond a
+        # record waits there is a millisecond in which a crash makes a sent message go out again
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-record")
+
+    async def record(self, msg_id: int, result: SendResult) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        self.pending[msg_id] = result
+        async with self._lock:
+            if msg_id not in self.pending:
+                return  # written by the transaction that just ended
+            batch, self.pending = self.pending, {}
+            try:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._thread, record_results, self.factory, batch)
+            except Exception:  # the claims end and these messages are tried again
+                log.exception("could not record %d sends", len(batch))
+
+
+def record_result(factory: sessionmaker[Session], msg_id: int, result: SendResult) -> None:
+    record_results(factory, {msg_id: result})
+
+
+async def deliver_due(
+    factory: sessionmaker[Session],
+    channel: str,
+    send: Sender,
+    limit: int = 50,
+    concurrency: int = 8,
+    recorder: ResultRecorder | None = None,
+) -> int:
+    """Send what is due once; returns how many were delivered.
+
+    issue 8: the database work runs in a worker thread (it used to block the event loop, and with it every
+    conversation); chats are served concurrently, each chat's messages in order, a chat's later messages
+    are held back when one fails, and a 429 stops the whole batch for its retry_after (Telegram's flood
+    control is per bot). No send starts after ``SEND_WINDOW``, so every send ends well inside the claim.
+    """
+    batch = await asyncio.to_thread(claim_batch, factory, channel, limit)
+    if not batch:
+        return 0
+    recorder = recorder or ResultRecorder(factory)
+    started = asyncio.get_running_loop().time()
+    gate = asyncio.Semaphore(concurrency)
+    results: dict[int, SendResult] = {}  # deferred ones, recorded together at the end
+    delivered = [0]
+    pause: dict[str, float] = {}  # "retry_after" once Telegram asked us to slow down
+
+    async def run_chat(msgs: list[OutboxMessage]) -> None:
+        held: SendResult | None = None
+        for msg in msgs:
+            late = asyncio.get_running_loop().time() - started > SEND_WINDOW.total_seconds()
+            if held is not None or pause or late:
+                wait = pause.get("retry_after") or (held.retry_after if held else None)
+                results[msg.id] = SendResult(ok=False, deferred=True, retry_after=wait)
+                continue
+            async with gate:
+                try:
+                    result = await send(msg)
+                except Exception as err:  # a bug in a sender must not lose the message
+                    log.exception("sender crashed on outbox message %s", msg.id)
+                    result = SendResult(ok=False, error=repr(err))
+            # recorded at once, not with the batch: a crash between a send and its record means the
+            # message is sent again when its claim ends, so that gap must stay short
+            await recorder.record(msg.id, result)
+            delivered[0] += int(result.ok)
+            if result.retry_after is not None:
+                pause["retry_after"] = max(pause.get("retry_after", 0.0), result.retry_after)
+            if not result.ok and not result.permanent:
+                held = result
+
+    chats: dict[str, list[OutboxMessage]] = {}
+    for msg in batch:
+        chats.setdefault(msg.chat_id, []).append(msg)
+    await asyncio.gather(*(run_chat(msgs) for msgs in chats.values()))
+    await asyncio.to_thread(record_results, factory, results)  # the deferred ones
+    return delivered[0]
 
 
 def pending_count(factory: sessionmaker[Session]) -> int:

@@ -97,12 +97,22 @@ def train(out_dir: Path | None = None, data_dir: Path | None = DEFAULT_DATA, *, 
     codes, duties = duty_texts()
     unit_x = [r["text"] for r in corpus] + [t for t, _ in real["units"]]
     unit_y = [r["units"][0] for r in corpus] + [u for _, u in real["units"]]
-    # Teddy domains name a set of units: a row teaches its domain's first unit only when that set has
-    # one member, so no single unit is pretended where the label does not say which
-    for text, units in real["domains"]:
-        if len(units) == 1:
-            unit_x.append(text)
-            unit_y.append(units[0])
+    # Teddy Cup domains name a SET of acceptable units. A set of one is a plain label; for larger sets the
+    # row is labelled with the member a first model (trained without these rows) ranks highest — one
+    # hard-EM step, so no unit is pretended beyond what the first model already believes.
+    single = [(t, u[0]) for t, u in real["domains"] if len(u) == 1]
+    multi = [(t, u) for t, u in real["domains"] if len(u) > 1]
+    unit_x += [t for t, _ in single]
+    unit_y += [u for _, u in single]
+    if multi:
+        first = unit_pipeline().fit(unit_x, unit_y)
+        proba = first.predict_proba([t for t, _ in multi])
+        col = {c: i for i, c in enumerate(first.classes_)}
+        for (text, units), row in zip(multi, proba, strict=True):
+            known = [u for u in units if u in col]
+            if known:
+                unit_x.append(text)
+                unit_y.append(max(known, key=lambda u: row[col[u]]))
     unit_model = unit_pipeline().fit(unit_x, unit_y)
     model: dict[str, Any] = {
         "type_model": type_model,
