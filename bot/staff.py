@@ -283,6 +283,8 @@ def ticket_by_id(session: Session, raw: str) -> Ticket:
         tid = int(raw)
     except ValueError:
         raise Refusal(tx.STALE_GENERIC) from None
+    if not 0 < tid < 2**31:  # forged button data: out of any id column's range
+        raise Refusal(tx.STALE_GENERIC)
     ticket = session.get(Ticket, tid, with_for_update=True)
     if ticket is None:
         raise Refusal(tx.STALE_GENERIC)

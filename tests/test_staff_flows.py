@@ -832,3 +832,9 @@ def test_extension_dates_and_labelled_replies_are_understood():
         "handler": "张三",
         "phone": "0818-1234567",
     }
+
+
+def test_forged_oversized_ticket_id_is_refused_politely(world):
+    w = world
+    reply = only(w.press(CG_CHAT, CG_HANDLER, "u:sign:99999999999999999999"))
+    assert "系统繁忙" not in reply and reply
