@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_sweep(n=args.n or 100_000, url=args.url or None)
     elif args.what == "triage":
-        from triage.commands import bench_triage
+        from triage.bench import bench_triage
 
         result = bench_triage(**({"n": args.n} if args.n else {}))
     elif args.what == "kb":
@@ -153,20 +153,31 @@ def cmd_triage(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from triage.training import DEFAULT_DATA_DIR, train
 
-    from triage.trainer import DEFAULT_DATA, train
-
-    data = Path(args.data) if args.data else DEFAULT_DATA
-    print(json.dumps(train(Path(args.out) if args.out else None, data, seed=args.seed), ensure_ascii=False))
+    data = args.data or DEFAULT_DATA_DIR
+    print(json.dumps(train(args.out or None, data, seed=args.seed), ensure_ascii=False, indent=2, default=str))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from triage.commands import evaluate_file
-    from triage.pipeline import Triager
+    if args.cv:
+        from triage.evaluation import cross_validate
+        from triage.training import DEFAULT_DATA_DIR
 
-    print(json.dumps(evaluate_file(Triager.load(), args.file), ensure_ascii=False, indent=2))
+        folds = [int(k) for k in args.only_folds.split(",")] if args.only_folds else None
+        report = cross_validate(
+            args.data or DEFAULT_DATA_DIR, folds=args.cv, seed=args.seed, only_folds=folds,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+    else:
+        if not args.file:
+            print("请给出评测文件（JSON lines），或用 --cv 5 做交叉验证。", file=sys.stderr)
+            return 2
+        from triage.evaluation import evaluate_file
+
+        report = evaluate_file(args.file)
+    print(json.dumps(report, ensure_ascii=False, indent=2, default=str))
     return 0
 
 
@@ -264,8 +275,12 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("--seed", type=int, default=0)
     command("train")(cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate the triage model on a JSON-lines file")
-    p.add_argument("file")
+    p = sub.add_parser("eval", help="evaluate the triage model on a JSON-lines file, or k-fold CV (--cv 5)")
+    p.add_argument("file", nargs="?", default="")
+    p.add_argument("--cv", type=int, default=0, help="k-fold cross-validation on the labelled real data")
+    p.add_argument("--data", default="", help="folder of labelled real messages (default ../shared/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only-folds", default="", help="comma-separated fold numbers (quick checks)")
     command("eval")(cmd_eval)
 
     p = sub.add_parser("model", help="build the offline embedding model")

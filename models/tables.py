@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -405,3 +406,30 @@ class InboundUpdate(Base):
     done_at: Mapped[datetime | None] = mapped_column(TZDateTime, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)  # done|group|flood|ignored|failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # replays after a crash
+
+
+class TicketEmbedding(Base):
+    """The e5 sentence embedding of a ticket's text (float32 bytes), for finding earlier tickets about the same
+    event (triage/similar.py); ``model`` names the encoder so vectors of another model are never compared."""
+
+    __tablename__ = "ticket_embeddings"
+
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), primary_key=True, autoincrement=False)
+    model: Mapped[str] = mapped_column(String(200))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=now)
+
+
+class TicketFollower(Base):
+    """A citizen who joined an open ticket about the same public event instead of opening a duplicate
+    (the same broken streetlight reported by several neighbours); told of the outcome with the reporter."""
+
+    __tablename__ = "ticket_followers"
+    __table_args__ = (UniqueConstraint("ticket_id", "citizen_id", name="uq_ticket_follower"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    citizen_id: Mapped[int] = mapped_column(ForeignKey("citizens.id"), index=True)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)  # what this citizen wrote
+    created_at: Mapped[datetime] = mapped_column(TZDateTime, default=now)

@@ -1,56 +1,65 @@
-"""Triage end to end: screening first, then the request type and the ranked units, as the DESIGN.md
-contract says.
+"""Triage end to end: screening first, then the request type and the ranked units (DESIGN.md "Triage contract").
 
-``Triager.load()`` reads the shipped artifacts (``triage/artifacts/triage.joblib``, built by
-``hotline train``); ``triage(text)`` returns a ``TriageResult`` whose ``to_dict()`` is the contract JSON.
+``Triager.load()`` reads the shipped artifact (``triage/artifacts/triage_model.joblib``, built by
+``triage.training.train``) and binds the unit catalog; ``triage(text)`` returns a ``TriageResult`` whose
+``to_dict()`` is the contract JSON plus ``needs_review``, ``co_units`` and, for rejects, ``key``/``wording``/
+``go_to``/``basis``.
+
+Order: ``triage.screening.screen`` decides emergency / reject / accept (+ urgent level) first; an emergency is
+redirected without classification. Accepted messages are featurised ONCE (jieba words, character n-grams and one
+e5 embedding) and that matrix feeds both the type head and the router; the same embedding goes through
+``triage.emergency_backstop`` first, which turns an accepted message into an emergency when it sits among the
+hand-written emergency prototypes (wording the rules do not know).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
 from models.policy import Policy, load_policy
-from models.settings import get_settings
+from triage.emergency_backstop import backstop
 from triage.screening import policy_urgent_level, screen
+from triage.training import ARTIFACTS_DIR, MODEL_FILE, TriageModel, load_model
 
 log = logging.getLogger(__name__)
-ARTIFACTS = Path(__file__).parent / "artifacts"
-MODEL_FILE = "triage.joblib"
-KBLookup = Callable[[str], tuple[str, float] | None]
+ARTIFACTS = ARTIFACTS_DIR
+KBLookup = Callable[[str], "tuple[str, float] | None"]
+MAX_CHARS = 1000  # longer messages are cut before featurising (the embedding itself reads ~180 characters)
+RANKED_UNITS = 5
 
 
 @dataclass
 class TriageResult:
-    verdict: str
+    verdict: str  # accept | emergency | reject
     type: str | None = None
     confidence: float = 0.0
     urgent: bool = False
     urgent_level: str | None = None
-    units: list[str] = field(default_factory=list)
-    co_units: list[str] = field(default_factory=list)
-    redirect: str | None = None
+    units: list[str] = field(default_factory=list)  # ranked, best first (lead = units[0])
+    co_units: list[str] = field(default_factory=list)  # co-handling units: close to the lead's score
+    redirect: str | None = None  # emergency only
     label: str | None = None  # the emergency's kind, e.g. 火警
-    reason: str | None = None
+    reason: str | None = None  # reject only
     key: str | None = None
     wording: str | None = None
     go_to: str | None = None
     basis: str | None = None
     kb: dict[str, Any] | None = None
     needs_review: bool = False
+    unit_scores: list[float] = field(default_factory=list)  # probabilities of ``units`` (not in the JSON)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "type": self.type,
             "confidence": round(float(self.confidence), 4),
-            "urgent": self.urgent,
+            "urgent": bool(self.urgent),
             "units": list(self.units),
         }
         if self.co_units:
@@ -64,80 +73,143 @@ class TriageResult:
             out["kb"] = self.kb
         if self.urgent_level:
             out["urgent_level"] = self.urgent_level
-        out["needs_review"] = self.needs_review
+        out["needs_review"] = bool(self.needs_review)
         return out
 
 
 class Triager:
-    def __init__(self, model: dict[str, Any], policy: Policy, kb_lookup: KBLookup | None = None) -> None:
+    """Screening + type head + unit router over one shared featurisation (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: TriageModel,
+        policy: Policy | None = None,
+        kb_lookup: KBLookup | None = None,
+        catalog: Sequence[dict] | None = None,
+        emergency_backstop: bool = True,
+    ) -> None:
+        if policy is None:
+            from models.settings import get_settings
+
+            policy = load_policy(get_settings().policy)
+        if catalog is None:
+            from models.catalog import read_catalog
+
+            catalog = read_catalog()
         self.model = model
         self.policy = policy
         self.kb_lookup = kb_lookup
-        self.types: list[str] = list(model["type_model"].classes_)
-        self.min_top = model.get("min_top", 0.45)
-        self.min_gap = model.get("min_gap", 0.12)
+        self.emergency_backstop = emergency_backstop
+        model.router.set_catalog(list(catalog))  # re-encodes only duty clauses the artifact has not seen
 
     @classmethod
     def load(
-        cls, artifacts_dir: Path | None = None, policy: Policy | None = None, kb_lookup: KBLookup | None = None
+        cls,
+        artifacts_dir: Path | str | None = None,
+        policy: Policy | None = None,
+        kb_lookup: KBLookup | None = None,
+        catalog: Sequence[dict] | None = None,
     ) -> Triager:
-        path = Path(artifacts_dir or ARTIFACTS) / MODEL_FILE
-        model = joblib.load(path)
-        return cls(model, policy or load_policy(get_settings().policy), kb_lookup)
+        return cls(load_model(artifacts_dir), policy=policy, kb_lookup=kb_lookup, catalog=catalog)
 
-    # ------------------------------------------------------------------ pieces
+    @property
+    def types(self) -> list[str]:
+        return [str(t) for t in self.model.type_clf.classes_]
 
-    def type_proba(self, texts: list[str]) -> np.ndarray:
-        return self.model["type_model"].predict_proba(texts)
+    @property
+    def unit_codes(self) -> list[str]:
+        return self.model.router.codes
 
-    def unit_scores(self, texts: list[str]) -> np.ndarray:
-        from triage.routing import route_scores
+    # ------------------------------------------------------------------ pieces (plain arrays, for tools)
+    def features(self, texts: Sequence[str]):
+        return self.model.features.transform_parts([t[:MAX_CHARS] for t in texts])
 
-        return route_scores(self.model, texts)
+    def type_proba(self, texts: Sequence[str], X=None) -> np.ndarray:
+        if X is None:
+            X, _ = self.features(texts)
+        return self.model.type_clf.proba_from_raw(self.model.type_clf.raw(X))
+
+    def unit_proba(self, texts: Sequence[str], X=None, emb=None) -> np.ndarray:
+        if X is None or emb is None:
+            X, emb = self.features(texts)
+        return self.model.router.predict_proba([t[:MAX_CHARS] for t in texts], X, emb)
 
     # ------------------------------------------------------------------ the contract
-
     def triage(self, text: str) -> TriageResult:
         return self.triage_many([text])[0]
 
-    def triage_many(self, texts: list[str]) -> list[TriageResult]:
-        results: list[TriageResult | None] = [None] * len(texts)
+    def triage_many(self, texts: Sequence[str]) -> list[TriageResult]:
+        results: list[TriageResult] = []
         todo: list[int] = []
         for i, text in enumerate(texts):
             s = screen(text or "", self.policy)
             if s.verdict == "emergency" and s.emergency is not None:
-                results[i] = TriageResult("emergency", type="help", confidence=1.0, urgent=True,
-                                          redirect=s.emergency.line, label=s.emergency.label_zh)
+                results.append(
+                    TriageResult(
+                        "emergency",
+                        type="help",
+                        confidence=1.0,
+                        urgent=True,
+                        redirect=s.emergency.line,
+                        label=s.emergency.label_zh,
+                    )
+                )
             elif s.verdict == "reject" and s.exclusion is not None:
                 ex = s.exclusion
-                results[i] = TriageResult("reject", confidence=1.0, reason=ex.reason, key=ex.key,
-                                          wording=ex.wording, go_to=ex.go_to, basis=ex.cite)
+                results.append(
+                    TriageResult(
+                        "reject",
+                        confidence=1.0,
+                        reason=ex.reason,
+                        key=ex.key,
+                        wording=ex.wording,
+                        go_to=ex.go_to,
+                        basis=ex.cite,
+                    )
+                )
             else:
                 level = policy_urgent_level(self.policy, s.urgent_level) if s.urgent_level else None
-                results[i] = TriageResult("accept", urgent=bool(level), urgent_level=level)
+                results.append(TriageResult("accept", urgent=bool(level), urgent_level=level))
                 todo.append(i)
         if todo:
-            batch = [texts[i][:512] for i in todo]
-            proba = self.type_proba(batch)
-            units = self.unit_scores(batch)
-            codes = self.model["unit_codes"]
-            for row, i in enumerate(todo):
-                r = results[i]
-                assert r is not None
-                order = np.argsort(-proba[row])
-                top, second = proba[row][order[0]], proba[row][order[1]]
-                r.type = str(self.types[order[0]])
-                r.confidence = float(top)
-                r.needs_review = bool(top < self.min_top or top - second < self.min_gap)
-                ranked = np.argsort(-units[row])
-                r.units = [codes[j] for j in ranked[:5]]
-                lead = float(units[row][ranked[0]])
-                # co-handling units: only those whose score is close to the lead's (the request spans duties)
-                ratio = self.model.get("co_ratio", 0.8)
-                r.co_units = [codes[j] for j in ranked[1:3] if float(units[row][j]) >= lead * ratio]
-                r.needs_review = bool(r.needs_review or lead < self.model.get("min_unit", 0.2))
-                if self.kb_lookup is not None and r.type == "consultation":
-                    hit = self.kb_lookup(texts[i])
-                    if hit is not None:
-                        r.kb = {"id": hit[0], "score": round(float(hit[1]), 4)}
-        return [r for r in results if r is not None]
+            self._classify([texts[i] or "" for i in todo], [results[i] for i in todo])
+        return results
+
+    def _classify(self, texts: list[str], results: list[TriageResult]) -> None:
+        cut = [t[:MAX_CHARS] for t in texts]
+        X, emb = self.model.features.transform_parts(cut)  # one embedding per message, shared below
+        # the embedding backstop catches emergencies worded in ways the rules do not know (recall first)
+        hits = backstop(cut, emb) if self.emergency_backstop else [None] * len(cut)
+        for r, hit in zip(results, hits, strict=True):
+            if hit is not None:
+                r.verdict, r.type, r.confidence, r.urgent = "emergency", "help", 1.0, True
+                r.redirect, r.label, r.urgent_level = hit.line, hit.label_zh, None
+        type_clf, router = self.model.type_clf, self.model.router
+        proba = type_clf.proba_from_raw(type_clf.raw(X))
+        type_review = type_clf.needs_review(proba)
+        uproba = router.predict_proba(cut, X, emb)
+        unit_review = uproba.max(axis=1) < getattr(router, "review_min_", 0.0)
+        for row, r in enumerate(results):
+            if r.verdict == "emergency":
+                continue
+            best = int(np.argmax(proba[row]))
+            r.type = str(type_clf.classes_[best])
+            r.confidence = float(proba[row][best])
+            route = router.result_from_proba(uproba[row])
+            r.units = [c for c, _ in route.ranking[:RANKED_UNITS]]
+            r.unit_scores = [round(p, 4) for _, p in route.ranking[:RANKED_UNITS]]
+            r.co_units = route.units[1:]
+            r.needs_review = bool(type_review[row] or unit_review[row])
+            if self.kb_lookup is not None and r.type in ("consultation", "help"):
+                hit = self.kb_lookup(texts[row])
+                if hit is not None:
+                    r.kb = {"id": str(hit[0]), "score": round(float(hit[1]), 4)}
+
+
+def load_triager(policy_name: str | None = None, kb_lookup: KBLookup | None = None) -> Triager:
+    """Convenience for the CLI: the shipped model with the named (or configured) policy preset."""
+    policy = load_policy(policy_name) if policy_name else None
+    return Triager.load(policy=policy, kb_lookup=kb_lookup)
+
+
+__all__ = ["ARTIFACTS", "MODEL_FILE", "TriageResult", "Triager", "load_triager"]
