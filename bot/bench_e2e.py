@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 TOKEN = "100001:BENCH-TOKEN"
 BOT_APP_NAME = "hotline-bench-bot"
 ROOT = Path(__file__).resolve().parent.parent
+KILL_WINDOW_S = 1.0  # a double send whose first copy left this long before the SIGKILL counts as "at kill"
 REPLY_TIMEOUT = 20.0  # a citizen who hears nothing for this long stops waiting (checked again at the end)
 FOLLOW_UP = "也可以点按钮："  # the second message of a reply that carries two keyboards
 
@@ -161,7 +162,8 @@ class Citizen:
             return None
         buttons = [(b[1], m.get("message_id")) for m in heard for b in m.get("buttons", [])]
         text = "\n".join(m.get("text", "") for m in heard)
-        for prefix in ("d:ok:", "kb:yes:", "time:"):
+        # a join offer (same event already reported by another citizen): file anyway, so every confirm is a ticket
+        for prefix in ("d:ok:", "kb:yes:", "time:", "j:new:"):
             for data, mid in buttons:
                 if data.startswith(prefix):
                     return {"kind": "press", "chat_id": self.chat, "data": data, "message_id": mid or 1}
@@ -250,7 +252,8 @@ class BotProcess:
         self.cpu_before = 0.0  # CPU seconds of processes already gone
 
     def spawn(self, preload: bool = False) -> None:
-        cmd = [*self.cmd, "--preload"] if preload else self.cmd
+        cmd = [*self.cmd, "--preload"] if preload else list(self.cmd)
+        cmd += ["--sql-stats", str(self.log_path.parent / f"sql_stats_{len(self.starts)}.json")]
         with open(self.log_path, "ab") as fh:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
         self.starts.append(time.time())
@@ -530,8 +533,12 @@ def _drive(
     deadline = t0 + cap
     restart_pending: float | None = None
 
+    snaps: list[tuple[Counter, dict]] = []  # SQL statements and Telegram calls at the clean stretch's ends
+
     while time.time() < deadline:
         now = time.time()
+        if workdir is not None and len(snaps) < 2 and now >= clean[len(snaps)]:
+            snaps.append((read_sql_stats(workdir), dict((server.stats() or {}).get("calls", {}))))
         # 1. what the bot said
         got = server.call("sent", {"after": sent_next})
         sent_next = got["next"]
@@ -635,6 +642,16 @@ def _drive(
         workdir,
     )
     result["cpu_s_during_load"] = cpu
+    if len(snaps) == 2:  # per citizen update sent in the clean stretch (the bot's own work included)
+        n = max(1, sum(1 for p in pushed if clean[0] <= p["at"] < clean[1]))
+        sql = snaps[1][0] - snaps[0][0]
+        calls = Counter(snaps[1][1]) - Counter(snaps[0][1])
+        result["per_update_clean"] = {
+            "updates": n,
+            "sql_statements": round(sql["total"] / n, 2),
+            "sql_by_kind": {k: round(v / n, 2) for k, v in sorted(sql.items()) if k != "total"},
+            "telegram_calls": {k: round(v / n, 2) for k, v in sorted(calls.items())},
+        }
     return result
 
 
@@ -700,6 +717,7 @@ def _drain(db: Database, deadline: float) -> dict[str, Any]:
         if (
             not counts["outbox"].get("pending")
             and not counts["outbox"].get("sending")
+            and not counts["outbox"].get("claimed")
             and not counts["inbox_pending"]
         ):
             break
@@ -739,7 +757,9 @@ def _report(
     with engine.connect() as conn:
         queued_chats = set(
             conn.execute(
-                select(OutboxMessage.chat_id).where(OutboxMessage.status.in_(("pending", "sending")))
+                select(OutboxMessage.chat_id).where(
+                    OutboxMessage.status.in_(("pending", "claimed", "sending"))
+                )
             ).scalars()
         )
         rows = conn.execute(
@@ -832,6 +852,23 @@ def _report(
                 )
     not_delivered = sum(max(0, rows_sent[k] - sends[k]) for k in rows_sent)
     failed_rows = sum(1 for r in rows if r.status == "failed")
+    # double sends, told apart (issue 8): a message Telegram had received when the bot was SIGKILLed, before
+    # the bot could record it as sent, is sent again after the restart (Telegram has no idempotency key):
+    # "at_kill" are those whose first copy arrived within KILL_WINDOW_S before the kill (or while it landed);
+    # "flagged" those the outbox itself marked as resent after an unconfirmed send; "other" anything else.
+    from bot.outbox import UNCONFIRMED
+
+    kills = [e["at"] for e in events if e["fault"] == "bot_kill"]
+    dup_at_kill = dup_other = 0
+    for k in dup_keys:
+        first = min(x["at"] for x in sent if (x["chat_id"], x["text"]) == k)
+        extra = sends[k] - rows_sent[k]
+        if any(kill - KILL_WINDOW_S <= first <= kill + 0.5 for kill in kills):
+            dup_at_kill += extra
+        else:
+            dup_other += extra
+    flagged = sum(1 for r in rows if r.status == "sent" and r.attempts > 1)
+    flagged_unconfirmed = sum(1 for r in rows if (r.last_error or "").startswith(UNCONFIRMED))
 
     for e in events:
         e["t"] = round(e.pop("at") - t0, 1)
@@ -865,8 +902,19 @@ def _report(
             "lost_examples": lost[:5],
             "flood_refusals": flood_refusals,
         },
+        "guarantees": {
+            "updates_lost": len(lost),
+            "tickets_duplicated": duplicated_tickets,
+            "tickets_missing": missing_tickets,
+            "messages_lost": not_delivered + failed_rows,
+            "double_sends": dup_outbox,
+            "double_sends_in_flight_at_kill": dup_at_kill,
+            "double_sends_other": dup_other,
+            "rows_resent_after_unconfirmed_send": flagged_unconfirmed,
+        },
         "outbox": {
             "rows": len(rows),
+            "rows_sent_after_retry": flagged,
             "delivered_twice": dup_outbox,
             "recorded_sent_not_received": not_delivered,
             "failed_for_good": failed_rows,
@@ -938,6 +986,49 @@ def stand_in_triage(policy_name: str):
     return triage
 
 
+def _count_statements(engine, path: Path) -> None:
+    """issue 8: count the SQL statements (and commits) the bot sends, by first word, and write the totals
+    to ``path`` (one JSON file per bot process) every half second, for the driver's "statements per update"."""
+    from sqlalchemy import event
+
+    counts: Counter = Counter()
+    lock = threading.Lock()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _statement(_conn, _cursor, statement, _params, _context, executemany) -> None:
+        verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
+        with lock:
+            counts[verb] += 1
+            counts["total"] += 1
+
+    @event.listens_for(engine, "commit")
+    def _commit(_conn) -> None:
+        with lock:
+            counts["COMMIT"] += 1
+
+    def dump() -> None:
+        while True:
+            time.sleep(0.5)
+            with lock:
+                data = dict(counts)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
+
+    threading.Thread(target=dump, daemon=True, name="sql-stats").start()
+
+
+def read_sql_stats(workdir: Path) -> Counter:
+    """The statement counts of every bot process of the run so far (see ``_count_statements``)."""
+    total: Counter = Counter()
+    for f in workdir.glob("sql_stats_*.json"):
+        try:
+            total.update(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def serve_bot(
     db_url: str,
     api_url: str,
@@ -947,6 +1038,7 @@ def serve_bot(
     secret: str = "",
     port: int = 0,
     preload: bool = False,
+    sql_stats: str = "",
 ) -> None:
     """The bot process of the benchmark: ``python -m bot.bench_e2e serve-bot --db URL --api URL``; with
     ``--webhook URL --secret S --port P`` it serves a webhook instead of polling (tests/test_multiprocess.py),
@@ -959,7 +1051,12 @@ def serve_bot(
     from models.db import make_engine, make_session_factory
     from models.settings import get_settings
 
-    factory = make_session_factory(make_engine(db_url))
+    if os.environ.get("HOTLINE_SWITCH_INTERVAL"):  # experiments: the GIL's hand-over interval (seconds)
+        sys.setswitchinterval(float(os.environ["HOTLINE_SWITCH_INTERVAL"]))
+    engine = make_engine(db_url)
+    if sql_stats:
+        _count_statements(engine, Path(sql_stats))
+    factory = make_session_factory(engine)
     if brain == "real":
         services = build_services(factory)
         if preload:  # the first start: measure with the model loaded (a restart loads it while answering)
@@ -995,6 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--secret", default="")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--preload", action="store_true", help="load the triage model before polling")
+    p.add_argument("--sql-stats", default="", help="count SQL statements; write the totals to this file")
     p = sub.add_parser("run")
     p.add_argument("--citizens", type=int, default=500)
     p.add_argument("--url", default=None)
@@ -1012,6 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
             secret=args.secret,
             port=args.port,
             preload=args.preload,
+            sql_stats=args.sql_stats,
         )
         return 0
     logging.basicConfig(level=logging.INFO)

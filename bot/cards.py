@@ -15,7 +15,7 @@ from bot.messages import Button, Reply
 from models.privacy import contact_masked, mask_text
 from models.states import STATUS_ZH
 from models.tables import Attachment, Citizen, Ticket, TicketRequest, Unit
-from models.workflow import TYPE_ZH, latest_reply
+from models.workflow import TYPE_ZH, latest_reply, return_refusal
 
 
 def _t(dt: datetime | None) -> str:
@@ -72,11 +72,16 @@ def unit_card(session: Session, ticket: Ticket, unit_code: str, *, headline: str
     tid = ticket.id
     rows: list[list[Button]] = []
     if ticket.status == "dispatched" or (role == "co" and signed is None and ticket.status != "archived"):
-        rows.append([Button("签收", f"u:sign:{tid}"), Button("申请退回", f"u:return:{tid}")])
+        first = [Button("签收", f"u:sign:{tid}")]
+        # only the lead unit may ask to return it, and not when the center designated it (指定办理)
+        if role == "lead" and return_refusal(ticket) is None:
+            first.append(Button("申请退回", f"u:return:{tid}"))
+        rows.append(first)
     elif ticket.status in ("signed", "redo"):
         if role == "lead":
             rows.append([Button("提交办结", f"u:reply:{tid}"), Button("申请延期", f"u:extend:{tid}")])
-            rows.append([Button("申请退回", f"u:return:{tid}")])
+            if return_refusal(ticket) is None:
+                rows.append([Button("申请退回", f"u:return:{tid}")])
         else:
             rows.append([Button("提交协办意见", f"u:co:{tid}")])
     rows.append([Button("详情", f"u:detail:{tid}"), Button("查看联系方式", f"u:contact:{tid}")])
@@ -118,6 +123,7 @@ def center_request_card(session: Session, ticket: Ticket, req: TicketRequest) ->
     rows = [[Button("同意", f"c:{code}ok:{tid}"), Button("不同意", f"c:{code}no:{tid}")]]
     if req.kind == "return":
         rows[0].append(Button("同意并改派", f"c:pick:{tid}"))
+        rows.append([Button("添加协办", f"c:copick:{tid}")])
     return Reply("\n".join(lines), buttons=rows)
 
 

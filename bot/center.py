@@ -11,12 +11,13 @@ from __future__ import annotations
 from datetime import datetime, time
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from bot import staff_texts as tx
 from bot import texts as citizen_texts
 from bot.citizen import survey_message
 from bot.messages import Button, Reply
-from bot.outbox import notify_citizen
+from bot.outbox import notify_citizen, notify_unit
 from bot.staff import (
     GroupCtx,
     Refusal,
@@ -29,6 +30,7 @@ from bot.staff import (
     tell_citizen,
     tell_unit,
     unit_name,
+    unit_view,
 )
 from models.catalog import CENTER, unit_codes
 from models.clock import CHINA_TZ, now
@@ -38,6 +40,8 @@ from models.states import ALLOWED, HANDLING_STATES
 from models.tables import Rating, Ticket, TicketEvent, TicketRequest, Unit
 from models.workflow import (
     TYPE_ZH,
+    Actor,
+    add_co_units,
     decide_appeal,
     decide_extension,
     decide_return,
@@ -50,6 +54,7 @@ from models.workflow import (
     review_reply,
     supervise,
 )
+from triage.similar import followers
 
 PAGE_SIZE = 10  # units per page of the picker: 2 per row, 5 rows
 MENU = "m"  # last part of a button that sits on a menu message (the menu is replaced by the result)
@@ -169,7 +174,19 @@ def _pick(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
         action, exclude = "retto", {req.unit_code} if req else set()
     else:
         raise stale(ticket)
-    units = _unit_choices(ctx, exclude)
+    return [_picker(ctx, ticket, _unit_choices(ctx, exclude), action, "pick", extra, tx.PICK_UNIT)]
+
+
+def _picker(
+    ctx: GroupCtx,
+    ticket: Ticket,
+    units: list[Unit],
+    action: str,
+    nav_action: str,
+    extra: list[str],
+    title: str,
+) -> Reply:
+    """Units as buttons ``c:<action>:<ticket>:<unit>:m``, two a row, with ``c:<nav_action>`` page turns."""
     pages = max(1, -(-len(units) // PAGE_SIZE))
     try:
         page = min(max(1, int(extra[0])), pages) if extra else 1
@@ -182,15 +199,62 @@ def _pick(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
     ]
     nav = []
     if page > 1:
-        nav.append(Button("⬅️ 上一页", f"c:pick:{ticket.id}:{page - 1}"))
+        nav.append(Button("⬅️ 上一页", f"c:{nav_action}:{ticket.id}:{page - 1}"))
     if page < pages:
-        nav.append(Button("下一页 ➡️", f"c:pick:{ticket.id}:{page + 1}"))
+        nav.append(Button("下一页 ➡️", f"c:{nav_action}:{ticket.id}:{page + 1}"))
     if nav:
         rows.append(nav)
-    reply = Reply(tx.PICK_UNIT.format(number=ticket.number, page=page, pages=pages), buttons=rows)
+    reply = Reply(title.format(number=ticket.number, page=page, pages=pages), buttons=rows)
     if extra and ctx.msg.callback_message_id:  # turning a page edits the picker in place
         reply.edit_message_id = ctx.msg.callback_message_id
-    return [reply]
+    return reply
+
+
+# --------------------------------------------------------------------------- co-handling units (协办)
+
+
+def add_co_handling(session: Session, ticket: Ticket, actor: Actor, units: list[str]) -> list[str]:
+    """The center adds co-handling units to a ticket the lead unit works on (渠府办〔2023〕66号 第十条: the
+    center names the lead and the co-handling units; the lead answers for all). Each new unit's group gets
+    the card, the lead unit is told, every card of the ticket is brought up to date. Returns the codes
+    added; raises ``WorkflowError`` (Chinese) when none can be."""
+    added = add_co_units(session, ticket, actor, units=units)
+    names = "、".join(unit_name(session, c) for c in added)
+    lead = unit_name(session, ticket.lead_unit)
+    refresh_cards(session, ticket)  # first, so the new cards keep their headline
+    for code in added:
+        notify_unit(
+            session,
+            code,
+            unit_view(session, ticket, code, headline=tx.CO_ADDED_CARD.format(lead=lead)),
+            ticket_id=ticket.id,
+            kind="card",
+            dedupe_key=f"co:{ticket.id}:{code}",
+        )
+    tell_unit(session, ticket.lead_unit, tx.UNIT_CO_ADDED.format(number=ticket.number, units=names), ticket)
+    return added
+
+
+def _co_pick(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
+    """添加协办: the units not yet on the ticket, in pages of buttons."""
+    if ticket.status not in ALLOWED["add_co"]:
+        raise stale(ticket)
+    on_ticket = {tu.unit_code for tu in ticket.units}
+    return [_picker(ctx, ticket, _unit_choices(ctx, on_ticket), "coadd", "copick", extra, tx.PICK_CO_UNIT)]
+
+
+def _co_add(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
+    if ticket.status not in ALLOWED["add_co"]:
+        raise stale(ticket)
+    unit = _unit_arg(ctx, extra)
+    if any(tu.unit_code == unit.code for tu in ticket.units):
+        raise Refusal(f"{unit.name}已在办理工单 {ticket.number}，无需重复添加。")
+    add_co_handling(ctx.session, ticket, ctx.actor, [unit.code])
+    return [
+        _menu_reply(
+            ctx, f"✅ 已为工单 {ticket.number} 添加协办单位{unit.name}（{ctx.name}），已通知主办单位。", extra
+        )
+    ]
 
 
 def _return_to(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
@@ -265,6 +329,15 @@ def _reply_ok(ctx: GroupCtx, ticket: Ticket, extra: list[str]) -> list[Reply]:
         kind="survey",
         dedupe_key=f"survey:{ticket.id}:{ticket.redo_count}",
     )
+    for citizen_id in followers(s, ticket):
+        notify_citizen(
+            s,
+            citizen_id,
+            Reply(f"您关注的工单 {ticket.number} 已有答复（{unit}）：\n{text}"),
+            ticket_id=ticket.id,
+            kind="progress",
+            dedupe_key=f"follow:{ticket.id}:{ticket.redo_count}:{citizen_id}",
+        )
     tell_unit(s, ticket.lead_unit, tx.UNIT_REPLY_APPROVED.format(number=ticket.number), ticket)
     refresh_cards(s, ticket)
     return [Reply(f"✅ 工单 {ticket.number} 的答复已审核通过，已发送诉求人并开始回访。")]
@@ -350,6 +423,8 @@ _BUTTONS = {
     "reject": _reject_menu,
     "rj": _reject,
     "show": _show,
+    "copick": _co_pick,
+    "coadd": _co_add,
     **{a: (lambda action: lambda ctx, t, extra: _ask_refusal_reason(ctx, t, action))(a) for a in _REFUSABLE},
 }
 

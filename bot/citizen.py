@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 import unicodedata
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +32,7 @@ from models.errors import WorkflowError
 from models.knowledge import KBEntry
 from models.policy import Policy, load_policy
 from models.privacy import mask_text, set_contact
-from models.states import STATUS_ZH
+from models.states import OPEN_STATES, STATUS_ZH
 from models.tables import Attachment, Citizen, ScreeningEvent, Ticket, Unit
 from models.workflow import (
     SYSTEM,
@@ -42,10 +45,12 @@ from models.workflow import (
     flag_repeat,
     get_ticket,
     history,
+    policy_of,
     rate,
     record_triage,
 )
 from triage.elements import extract_elements
+from triage.similar import add_follower, followers, join_candidates, store_embedding
 
 log = logging.getLogger(__name__)
 _PHONE_IN_TEXT = re.compile(r"(1[3-9]\d{9}|0\d{2,3}-?\d{7,8})")
@@ -94,6 +99,7 @@ def handle_citizen(services: Services, msg: Incoming, *, step: Step | None = Non
     with services.sessions.begin() as session:
         if step is not None and not step.claim(session):
             return []
+        attach_units(session, services.sessions)
         citizen = get_or_create_citizen(session, msg.channel, msg.user_id)
         st = load_state(session, msg.channel, msg.chat_id)
         ctx = Ctx(services, session, msg, st, citizen, load_policy(services.policy_name))
@@ -101,7 +107,41 @@ def handle_citizen(services: Services, msg: Incoming, *, step: Step | None = Non
         save_state(session, msg.channel, msg.chat_id, st)
         if step is not None:
             step.keep_replies(session, replies)
+            step.state = st.state
         return replies
+
+
+# issue 8: the unit catalog, read at most every UNIT_CACHE_S per session factory and put into each step's
+# session without a query; a step used to read 2-10 unit rows one by one (the session's identity map holds
+# rows weakly, so the same unit was read again and again). A catalog change reaches conversations within
+# UNIT_CACHE_S (units are loaded by an administrator, rarely).
+UNIT_CACHE_S = 30.0
+_UNITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNITS_LOCK = threading.Lock()
+
+
+def attach_units(session: Session, factory: Any) -> None:
+    try:
+        cached = _UNITS.get(factory)
+    except TypeError:  # not weakly referenceable: no cache
+        return
+    at = time.monotonic()
+    if cached is None or at - cached[0] > UNIT_CACHE_S:
+        with _UNITS_LOCK:
+            cached = _UNITS.get(factory)
+            if cached is None or at - cached[0] > UNIT_CACHE_S:
+                with factory() as s:
+                    rows = list(s.scalars(select(Unit)))
+                    s.expunge_all()
+                cached = (at, rows)
+                _UNITS[factory] = cached
+    # held by the session (strongly) for its life, so that session.get(Unit, code) finds them
+    session.info["units"] = [session.merge(u, load=False) for u in cached[1]]
+
+
+def forget_units() -> None:
+    """Drop the cached catalog (after loading a new one in this process; tests)."""
+    _UNITS.clear()
 
 
 # --------------------------------------------------------------------------- routing
@@ -183,6 +223,8 @@ def _button(ctx: Ctx, data: str) -> list[Reply]:
             ctx.st.data["type"] = parts[1]
             ctx.st.data["type_confirmed"] = True
         return [_summary(ctx)]
+    if kind == "j" and len(parts) == 3:  # join an existing ticket about the same event
+        return _join(ctx, parts[1])
     if kind == "d":  # draft actions
         action = parts[1]
         if action == "ok":
@@ -394,7 +436,64 @@ def _next_missing(ctx: Ctx) -> list[Reply]:
         basis = ctx.policy.real_name_cite or ctx.policy.document
         return [Reply(texts.ASK_CONTACT.format(basis=basis), ask_contact=True)]
     ctx.st.state = "confirm"
+    offer = _offer_join(ctx)
+    if offer is not None:
+        return [offer]
     return [_summary(ctx)]
+
+
+def _embedding(ctx: Ctx, text: str):
+    """The message's e5 vector from the product's triage (a cache hit: triage just embedded it), or None."""
+    embed = getattr(ctx.services.triage, "embed", None)
+    if embed is None:
+        return None
+    try:
+        return embed(text)
+    except Exception:  # similarity falls back to word overlap; a failed embedding never blocks a request
+        log.warning("embedding for similar tickets failed", exc_info=True)
+        return None
+
+
+def _offer_join(ctx: Ctx) -> Reply | None:
+    """An open ticket from another citizen about the same event at the same place: offer to follow it instead
+    of filing a duplicate (the same broken streetlight reported by ten neighbours is one job for the unit)."""
+    d = ctx.st.data
+    if d.get("join_checked") or not d.get("place"):
+        return None
+    d["join_checked"] = True
+    found = join_candidates(ctx.session, d.get("text", ""), _embedding(ctx, d.get("text", "")), ctx.citizen.id,
+                            d.get("place"), now())
+    if not found:
+        return None
+    t = found[0].ticket
+    d["join_ticket"] = t.id
+    token = ctx.st.token
+    return Reply(
+        texts.JOIN_OFFER.format(
+            number=t.number, place=t.ev_place or "同一地点", status=STATUS_ZH.get(t.status, t.status),
+            text=mask_text(t.original_text)[:80],
+        ),
+        remove_keyboard=True,
+        buttons=[[Button(f"加入工单 {t.number}", f"j:ok:{token}"), Button("仍然新建工单", f"j:new:{token}")]],
+    )
+
+
+def _join(ctx: Ctx, action: str) -> list[Reply]:
+    d = ctx.st.data
+    if action != "ok" or not d.get("join_ticket"):
+        return [_summary(ctx)]
+    t = ctx.session.get(Ticket, d["join_ticket"])
+    if t is None or t.status not in OPEN_STATES:  # closed meanwhile: file the citizen's own ticket
+        return [Reply(texts.JOIN_CLOSED), _summary(ctx)]
+    add_follower(ctx.session, t, ctx.citizen.id, d.get("text"))
+    ctx.st.reset()
+    return [
+        Reply(
+            texts.JOINED.format(number=t.number, status=STATUS_ZH.get(t.status, t.status)),
+            remove_keyboard=True,
+            buttons=[[Button("查看进度", f"show:{t.number}")]],
+        )
+    ]
 
 
 def _unit_names(session: Session, codes: list[str]) -> list[str]:
@@ -543,6 +642,9 @@ def _submit(ctx: Ctx) -> list[Reply]:
         or (tri.get("urgent") if isinstance(tri.get("urgent"), str) else None),
         needs_review=needs_review or not units,
     )
+    emb = _embedding(ctx, d["text"])
+    if emb is not None:
+        store_embedding(s, ticket, emb)
     old = find_repeat(s, ticket)
     if old is not None:
         flag_repeat(s, ticket, old)
@@ -598,9 +700,21 @@ def _own_ticket(ctx: Ctx, number: str) -> Ticket | None:
     return t if t.citizen_id == ctx.citizen.id else None
 
 
+def _followed_ticket(ctx: Ctx, number: str) -> Ticket | None:
+    """A ticket the citizen filed or joined (followers may look at progress, not rate or add to it)."""
+    t = _own_ticket(ctx, number)
+    if t is not None:
+        return t
+    try:
+        t = get_ticket(ctx.session, number)
+    except WorkflowError:
+        return None
+    return t if ctx.citizen.id in followers(ctx.session, t) else None
+
+
 def _status(ctx: Ctx, number: str) -> list[Reply]:
     number = number.strip()
-    t = _own_ticket(ctx, number)
+    t = _followed_ticket(ctx, number)
     if t is None:
         return [Reply(texts.NOT_FOUND_OR_NOT_YOURS.format(number=number[:30]))]
     lines = [
@@ -709,7 +823,9 @@ def _rate(ctx: Ctx, number: str, value: str) -> list[Reply]:
         return [Reply(f"工单 {number} 当前不在回访评价阶段，这个按钮已过期。")]
     if value == "unsatisfied":
         ctx.st.start("unsatisfied_reason", number=number)
-        return [Reply(texts.ASK_UNSATISFIED)]
+        redo = policy_of(t).redo
+        redo_left = t.redo_count < redo.max_count or redo.second_unsatisfied != "archive"
+        return [Reply(texts.ASK_UNSATISFIED if redo_left else texts.ASK_UNSATISFIED_NO_REDO)]
     if value not in ("satisfied", "basic"):
         return [Reply(texts.STALE_BUTTON)]
     rate(ctx.session, t, ctx.actor, value=value)
@@ -736,10 +852,12 @@ def _finish_unsatisfied(ctx: Ctx, text: str) -> list[Reply]:
                 dedupe_key=f"redo:{t.id}:{t.redo_count}",
             )
         return [Reply(texts.RATING_REDO.format(number=number, due=f"{t.finish_due:%Y-%m-%d %H:%M}"))]
+    if outcome == "archive":  # the policy has no (further) redo: recorded for the unit's assessment
+        return [Reply(texts.RATING_ARCHIVED.format(number=number))]
     notify_unit(
         ctx.session,
         CENTER,
-        Reply(f"工单 {t.number} 再次不满意，需人工回访：{mask_text(text)[:500]}"),
+        Reply(f"工单 {t.number} {'再次' if t.redo_count else ''}不满意，需人工回访：{mask_text(text)[:500]}"),
         ticket_id=t.id,
         kind="center_queue",
         dedupe_key=f"manual:{t.id}",

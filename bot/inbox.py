@@ -9,7 +9,9 @@ Telegram forgets an update once the bot has acknowledged it (the next getUpdates
    skipped;
 3. ``Step.keep_replies`` writes the step's replies to the outbox in that transaction too, claimed for the
    direct send that follows: if the bot dies before sending, the outbox delivers them when the claim ends;
-4. ``pending_updates`` hands a restarted (or surviving) bot the updates recorded but never done.
+4. ``pending_updates`` hands a restarted (or surviving) bot the updates recorded but never done;
+5. staff steps (bot/staff.py runs its own transaction) get the same: ``StepSessions`` gives the step a
+   session that has already claimed the update and holds its commit until the replies are kept.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Step:
     channel: str = "telegram"
     outbox_ids: list[int] = field(default_factory=list)
     replayed: bool = False
+    state: str | None = None  # the conversation's state after the step (a hint for the channel)
 
     def claim(self, session: Session) -> bool:
         """First statement of the step's transaction: False when the update was already processed.
@@ -207,3 +210,78 @@ def prune(factory: sessionmaker[Session], older_than: timedelta = timedelta(days
             )
         )
     return res.rowcount or 0
+
+
+# --------------------------------------------------------------------------- staff steps (issue 8)
+
+
+class Replayed(Exception):
+    """The update was processed before (raised instead of opening the step's session)."""
+
+
+class HeldSession(Session):
+    """The session of one staff step. bot/staff.py opens, commits and closes its session itself; this one
+    holds the commit and the close (a commit only flushes) until ``StepSessions.finish`` has added the step's
+    replies, so the step, its "processed" mark and its replies commit together, as a citizen step's do."""
+
+    held = True
+    rolled_back = False
+
+    def commit(self) -> None:
+        if self.held:
+            self.flush()
+            return
+        super().commit()
+
+    def rollback(self) -> None:
+        self.rolled_back = True  # the claim went with it: ``finish`` claims again
+        super().rollback()
+
+    def close(self) -> None:
+        if not self.held:
+            super().close()
+
+
+class StepSessions:
+    """A session factory for one staff step (``handle_group(replace(services, sessions=StepSessions(...)))``):
+    the session it makes has already claimed the update (``Step.claim``: a replay raises ``Replayed``
+    before the step runs); ``finish(replies)`` keeps the replies and commits; ``discard()`` after a failure."""
+
+    def __init__(self, factory: sessionmaker[Session], step: Step) -> None:
+        self.factory, self.step = factory, step
+        self.session: HeldSession | None = None
+
+    def __call__(self, **kw: Any) -> Session:
+        if self.session is not None:
+            raise RuntimeError("one session per staff step")
+        self.session = HeldSession(**{**self.factory.kw, **kw})
+        if not self.step.claim(self.session):
+            self.discard()
+            raise Replayed(self.step.update_id)
+        return self.session
+
+    def finish(self, replies: list[Reply]) -> list[Reply]:
+        """Commit the step with its replies; [] when another process did it meanwhile (after a rollback)."""
+        s = self.session
+        if s is None:  # the step needed no database
+            with self.factory.begin() as s2:
+                if not self.step.claim(s2):
+                    return []
+                self.step.keep_replies(s2, replies)
+            return replies
+        try:
+            if s.rolled_back and not self.step.claim(s):
+                s.held = False
+                s.rollback()
+                return []
+            self.step.keep_replies(s, replies)
+            s.held = False
+            s.commit()
+            return replies
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.session is not None:
+            self.session.held = False
+            self.session.close()  # rolls back what was not committed

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
@@ -136,9 +136,21 @@ class SendResult:
     error: str | None = None
     deferred: bool = False  # issue 8: not tried (held behind an earlier failure); costs no attempt
     rest: Reply | None = None  # issue 8: sent, except this part (a two-message Reply), to be queued
+    # issue 8: more to write when the send is recorded, in the same transaction (e.g. where a ticket card was
+    # posted); run in a savepoint, so that its failure never makes a delivered message "unsent"
+    after: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
 
 
 Sender = Callable[[OutboxMessage], Awaitable[SendResult]]
+
+
+# issue 8: a row's way out: pending -> claimed (taken by a sender, not yet tried) -> sending (its HTTP request
+# is about to start; a step's direct reply is written so) -> sent | pending (retry) | failed. A claim ends
+# at ``next_attempt_at``: a "claimed" row whose sender died was certainly not sent and goes out again
+# without doubt; a "sending" row whose sender died may have reached Telegram (which has no idempotency
+# key), so sending it again may deliver it twice; it is sent again all the same (a lost reply is worse
+# than a repeated one) and marked, so that such repeats can be told from any other.
+UNCONFIRMED = "unconfirmed: the sender stopped during its send; sent again (possibly delivered twice)"
 
 
 def claim_batch(factory: sessionmaker[Session], channel: str, limit: int = 50) -> list[OutboxMessage]:
@@ -151,7 +163,7 @@ def claim_batch(factory: sessionmaker[Session], channel: str, limit: int = 50) -
                 OutboxMessage.channel == channel,
                 or_(
                     OutboxMessage.status == "pending",
-                    (OutboxMessage.status == "sending") & (OutboxMessage.next_attempt_at <= at),
+                    OutboxMessage.status.in_(("claimed", "sending")) & (OutboxMessage.next_attempt_at <= at),
                 ),
                 OutboxMessage.next_attempt_at <= at,
             )
@@ -162,7 +174,10 @@ def claim_batch(factory: sessionmaker[Session], channel: str, limit: int = 50) -
             stmt = stmt.with_for_update(skip_locked=True)
         rows = list(s.scalars(stmt))
         for row in rows:
-            row.status = "sending"
+            if row.status == "sending":
+                log.warning("outbox message %s: its sender stopped during the send; sending again", row.id)
+                row.last_error = UNCONFIRMED + (f" | {row.last_error}" if row.last_error else "")
+            row.status = "claimed"
             row.attempts += 1
             row.next_attempt_at = at + CLAIM_TIMEOUT
         s.flush()
@@ -170,9 +185,56 @@ def claim_batch(factory: sessionmaker[Session], channel: str, limit: int = 50) -
     return rows
 
 
+def mark_sending(factory: sessionmaker[Session], ids: list[int]) -> set[int]:
+    """Mark claimed rows "sending" just before their requests start; returns the ids marked (a row whose
+    claim was taken over meanwhile is not, and must not be sent)."""
+    if not ids:
+        return set()
+
+    def write() -> set[int]:
+        with factory.begin() as s:
+            res = s.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id.in_(ids), OutboxMessage.status == "claimed")
+                .values(status="sending")
+                .returning(OutboxMessage.id)
+            )
+            return set(res.scalars())
+
+    return with_db_retry(write)
+
+
+class StartMarker:
+    """Group commit for ``mark_sending``: the senders of one flush mark their rows together."""
+
+    def __init__(self, factory: sessionmaker[Session], thread: ThreadPoolExecutor) -> None:
+        self.factory, self.thread = factory, thread
+        self.waiting: dict[int, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+
+    async def mark(self, msg_id: int) -> bool:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[msg_id] = fut
+        async with self._lock:
+            if not fut.done():
+                batch, self.waiting = self.waiting, {}
+                try:
+                    marked = await asyncio.get_running_loop().run_in_executor(
+                        self.thread, mark_sending, self.factory, list(batch)
+                    )
+                except Exception:
+                    log.exception("could not mark %d outbox messages as being sent", len(batch))
+                    marked = set()
+                for i, f in batch.items():
+                    if not f.done():
+                        f.set_result(i in marked)
+        return fut.result()
+
+
 def _apply_result(session: Session, row: OutboxMessage, result: SendResult, at) -> None:
     if result.ok:
-        row.status, row.sent_at, row.sent_message_id, row.last_error = "sent", at, result.message_id, None
+        # last_error is kept: it tells what the delivery went through (and a possible double delivery)
+        row.status, row.sent_at, row.sent_message_id = "sent", at, result.message_id
         if result.rest is not None:
             enqueue(session, channel=row.channel, chat_id=row.chat_id, reply=result.rest, kind=row.kind)
         return
@@ -181,7 +243,8 @@ def _apply_result(session: Session, row: OutboxMessage, result: SendResult, at) 
         row.status = "pending"
         row.next_attempt_at = at + timedelta(seconds=result.retry_after or 0)
         return
-    row.last_error = mask_text(result.error or "")[:500]
+    flag = UNCONFIRMED + " | " if (row.last_error or "").startswith(UNCONFIRMED) else ""
+    row.last_error = flag + mask_text(result.error or "")[:400]
     if result.permanent or row.attempts >= MAX_ATTEMPTS:
         row.status = "failed"
         log.warning("outbox message %s failed for good: %s", row.id, row.last_error)
@@ -200,7 +263,7 @@ def record_results(factory: sessionmaker[Session], results: dict[int, SendResult
     def write() -> None:
         at = now()
         plain = [
-            {"id": i, "status": "sent", "sent_at": at, "sent_message_id": r.message_id, "last_error": None}
+            {"id": i, "status": "sent", "sent_at": at, "sent_message_id": r.message_id}
             for i, r in results.items()
             if r.ok and r.rest is None
         ]
@@ -211,6 +274,13 @@ def record_results(factory: sessionmaker[Session], results: dict[int, SendResult
             if others:
                 for row in s.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(others))).all():
                     _apply_result(s, row, results[row.id], at)
+            for i, r in results.items():
+                if r.ok and r.after is not None:
+                    try:
+                        with s.begin_nested():
+                            r.after(s)
+                    except Exception:
+                        log.exception("could not record what followed the send of outbox message %s", i)
 
     with_db_retry(write)
 
@@ -266,6 +336,7 @@ async def deliver_due(
     if not batch:
         return 0
     recorder = recorder or ResultRecorder(factory)
+    marker = StartMarker(factory, recorder._thread)
     started = asyncio.get_running_loop().time()
     gate = asyncio.Semaphore(concurrency)
     results: dict[int, SendResult] = {}  # deferred ones, recorded together at the end
@@ -274,13 +345,18 @@ async def deliver_due(
 
     async def run_chat(msgs: list[OutboxMessage]) -> None:
         held: SendResult | None = None
-        for msg in msgs:
+        for k, msg in enumerate(msgs):
             late = asyncio.get_running_loop().time() - started > SEND_WINDOW.total_seconds()
             if held is not None or pause or late:
                 wait = pause.get("retry_after") or (held.retry_after if held else None)
                 results[msg.id] = SendResult(ok=False, deferred=True, retry_after=wait)
                 continue
             async with gate:
+                if not await marker.mark(msg.id):
+                    # not ours any more, or the database is away: this one and the chat's later ones stay
+                    # claimed, untouched, and are taken again (in order) when the claim ends
+                    log.warning("outbox: %d messages for one chat left to their claim's end", len(msgs) - k)
+                    return
                 try:
                     result = await send(msg)
                 except Exception as err:  # a bug in a sender must not lose the message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +30,22 @@ class Services:
 
 
 class ProductBrain:
-    """Triage + knowledge base for the live product: loaded lazily, refreshed when KB entries change."""
+    """Triage + knowledge base for the live product: loaded lazily, refreshed when KB entries change.
 
-    def __init__(self, sessions: sessionmaker[Session], policy_name: str) -> None:
+    issue 8: ``triage_many`` triages several messages in one model call (the Telegram channel batches the
+    messages that arrive together); whether units changed the knowledge base is checked at most every
+    ``kb_check_every`` seconds, not before every message (one query and one connection each time)."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], policy_name: str, kb_check_every: float = 2.0
+    ) -> None:
         self.sessions = sessions
         self.policy_name = policy_name
+        self.kb_check_every = kb_check_every
         self._lock = threading.Lock()
         self._triager = None
         self._kb_index = None
+        self._kb_checked = 0.0
 
     def _kb_lookup(self, text: str):
         hit = self._kb_index.answer(text) if self._kb_index is not None else None
@@ -57,20 +66,37 @@ class ProductBrain:
 
         with self.sessions() as s:
             self._kb_index = open_index(s)
+        self._kb_checked = time.monotonic()
 
     def _fresh_kb(self) -> None:
         """Pick up entries that units added, edited or retired since the index was built."""
-        if self._kb_index is not None:
-            with self.sessions() as s:
-                self._kb_index.ensure_fresh(s)
+        if self._kb_index is None or time.monotonic() - self._kb_checked < self.kb_check_every:
+            return
+        self._kb_checked = time.monotonic()  # one look per period, even when it fails
+        with self.sessions() as s:
+            self._kb_index.ensure_fresh(s)
 
-    def __call__(self, text: str) -> dict[str, Any]:
+    def _ready(self) -> None:
         self.load()
         try:
             self._fresh_kb()
         except Exception:  # a database hiccup must not stop triage; the old index still answers
             log.warning("knowledge base refresh failed", exc_info=True)
-        return self._triager.triage(text).to_dict()
+
+    def __call__(self, text: str) -> dict[str, Any]:
+        return self.triage_many([text])[0]
+
+    def embed(self, text: str):
+        """The message's e5 vector as triage computed it (the encoder's cache answers), for similar tickets."""
+        from triage.embedding import get_encoder
+        from triage.pipeline import MAX_CHARS
+
+        return get_encoder().encode([text[:MAX_CHARS]], prefix="query: ")[0]
+
+    def triage_many(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One model call for all of ``texts`` (their knowledge base lookups reuse the embeddings it made)."""
+        self._ready()
+        return [r.to_dict() for r in self._triager.triage_many(list(texts))]
 
 
 def build_services(sessions: sessionmaker[Session], policy_name: str | None = None) -> Services:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from bot import binding
+from bot import binding, staff_kb
 from bot import staff_texts as tx
 from bot.cards import center_reply_card, center_request_card, center_review_card, ticket_summary, unit_card
 from bot.messages import Button, Incoming, Reply
@@ -38,7 +38,6 @@ from kb import store as kb_store
 from models.catalog import CENTER
 from models.clock import now
 from models.errors import IllegalTransition, IncompleteReply, NotFound, PermissionDenied, WorkflowError
-from models.knowledge import KB_STATUS_ZH
 from models.privacy import contact_masked, mask_text, reveal_contact
 from models.states import ALLOWED, HANDLING_STATES, STATUS_ZH
 from models.tables import (
@@ -59,6 +58,7 @@ from models.workflow import (
     RATING_ZH,
     TYPE_ZH,
     Actor,
+    extension_refusal,
     get_ticket,
     latest_reply,
     pending_request,
@@ -66,6 +66,7 @@ from models.workflow import (
     request_appeal,
     request_extension,
     request_return,
+    return_refusal,
     sign,
     submit_contribution,
     submit_reply,
@@ -218,7 +219,7 @@ def _route(ctx: GroupCtx) -> list[Reply]:
     if not text:
         return [Reply(tx.TEXT_ONLY)]
     if ctx.st.state.startswith("kb_"):
-        return _kb_text(ctx, text)
+        return staff_kb.kb_text(ctx, text)
     if ctx.is_center:
         from bot import center
 
@@ -244,7 +245,7 @@ def _command(ctx: GroupCtx, command: str, args: str) -> list[Reply]:
     if command == "invite":
         return binding.handle_invite(ctx.session, ctx.msg, member, args)
     if command == "kb":
-        return _kb_command(ctx, args)
+        return staff_kb.kb_command(ctx, args)
     if command == "ticket":
         return _ticket_command(ctx, args)
     if command == "pending":
@@ -378,7 +379,10 @@ def center_view(session: Session, ticket: Ticket) -> Reply:
     appeal = pending_request(session, ticket, "appeal")
     if appeal is not None:
         return center_request_card(session, ticket, appeal)
-    return Reply("\n".join([f"✅ {_last_center_action(session, ticket)}", *ticket_summary(session, ticket)]))
+    done = Reply("\n".join([f"✅ {_last_center_action(session, ticket)}", *ticket_summary(session, ticket)]))
+    if status in ALLOWED["add_co"]:
+        done.buttons = [[Button("添加协办", f"c:copick:{ticket.id}")]]
+    return done
 
 
 def _view_for_chat(session: Session, ticket: Ticket, chat_id: int) -> Reply | None:
@@ -571,17 +575,18 @@ def _lead_step(ticket: Ticket, tu: TicketUnit, action: str) -> None:
 
 def _start_return(ctx: GroupCtx, ticket: Ticket, tu: TicketUnit) -> list[Reply]:
     _lead_step(ticket, tu, "request_return")
+    refusal = return_refusal(ticket)
+    if refusal:  # said before the reason is typed, not after
+        raise Refusal(refusal)
     ctx.st.start("ret_reason", tid=ticket.id, number=ticket.number)
     return [Reply(f"工单 {ticket.number}：" + tx.ASK_RETURN_REASON.format(who=ctx.name))]
 
 
 def _start_extension(ctx: GroupCtx, ticket: Ticket, tu: TicketUnit) -> list[Reply]:
     _lead_step(ticket, tu, "request_extension")
-    rule = policy_of(ticket).extension
-    if ticket.type in rule.not_for:
-        raise Refusal(f"{TYPE_ZH.get(ticket.type, '')}类工单不予延期（{rule.cite}）。")
-    if ticket.extension_count >= rule.max_count:
-        raise Refusal(f"该工单已延期 {ticket.extension_count} 次，已达上限（{rule.cite}）。")
+    refusal = extension_refusal(ticket)
+    if refusal:
+        raise Refusal(refusal)
     ctx.st.start("ext_reason", tid=ticket.id, number=ticket.number)
     return [Reply(f"工单 {ticket.number}：" + tx.ASK_EXT_REASON.format(who=ctx.name))]
 
@@ -935,110 +940,3 @@ def ticket_detail(session: Session, ticket: Ticket) -> str:
             f"（{_actor_zh(session, ev.actor)}）{_event_detail(ev)}"
         )
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- knowledge base from the group
-
-
-def _editor(ctx: GroupCtx) -> kb_store.Editor:
-    """渠县 第十三条 "谁提供、谁负责、谁更新": a unit edits its own entries; the center (第十四条) edits all."""
-    if ctx.is_center:
-        return kb_store.Editor.center(ctx.actor.label)
-    return kb_store.Editor(who=ctx.actor.label, unit=ctx.unit_code)
-
-
-def _split_questions(text: str) -> list[str]:
-    parts = [p.strip() for p in text.replace("；", "\n").replace(";", "\n").splitlines()]
-    return [p for p in parts if p]
-
-
-def _kb_command(ctx: GroupCtx, args: str) -> list[Reply]:
-    sub, _, rest = args.partition(" ")
-    sub, rest = sub.strip().lower(), rest.strip()
-    s = ctx.session
-    editor = _editor(ctx)
-    if sub in ("", "list"):
-        entries = kb_store.list_entries(s, unit=None if ctx.is_center else ctx.unit_code)
-        if not entries:
-            return [Reply("本单位还没有知识条目。发送 /kb add 新建。")]
-        lines = [f"{'知识库' if ctx.is_center else ctx.unit.name + '的知识条目'}（共 {len(entries)} 条）："]
-        for e in entries[:40]:
-            q = e.questions[0] if e.questions else ""
-            lines.append(f"· {e.id} [{KB_STATUS_ZH.get(e.status, e.status)}] {q[:30]}")
-        if len(entries) > 40:
-            lines.append(f"……另有 {len(entries) - 40} 条")
-        return [Reply("\n".join(lines))]
-    if sub == "add":
-        if "|" in rest or "｜" in rest:
-            parts = [p.strip() for p in rest.replace("｜", "|").split("|")]
-            return _kb_create(
-                ctx, parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else ""
-            )
-        ctx.st.start("kb_q")
-        return [Reply("新建知识条目：请输入群众常问的问题（多种问法可用“；”分隔）：")]
-    entry_id = rest.split()[0] if rest else ""
-    if sub in ("edit", "retire", "publish") and not entry_id:
-        return [Reply(f"请附上条目编号，例如：/kb {sub} kb-0001")]
-    if sub == "edit":
-        entry = kb_store.edit_entry(s, editor, entry_id)  # no change: checks it exists and is ours
-        ctx.st.start("kb_edit", entry=entry.id)
-        return [
-            Reply(
-                f"{entry.id}（{KB_STATUS_ZH.get(entry.status, entry.status)}）\n问题：{'；'.join(entry.questions)}\n"
-                f"答复：{entry.answer}\n依据：{entry.basis or '—'}\n\n"
-                "请发送要修改的内容，按行写“问题：…”“答复：…”“依据：…”（只写要改的行；直接发文字即替换答复）："
-            )
-        ]
-    if sub == "retire":
-        entry = kb_store.retire(s, editor, entry_id, note="群内停用")
-        return [Reply(f"已停用知识条目 {entry.id}，不再用于答复群众。")]
-    if sub == "publish":
-        entry = kb_store.publish(s, editor, entry_id, note="群内发布")
-        return [Reply(f"已发布知识条目 {entry.id}，将用于答复群众咨询。")]
-    return [Reply("用法：/kb list｜/kb add｜/kb edit 编号｜/kb retire 编号｜/kb publish 编号")]
-
-
-def _kb_create(ctx: GroupCtx, questions: str, answer: str, basis: str) -> list[Reply]:
-    basis = "" if tx.is_none_answer(basis or "无") else basis
-    entry = kb_store.create_entry(
-        ctx.session,
-        _editor(ctx),
-        questions=_split_questions(questions),
-        answer=answer,
-        basis=basis,
-        unit=None if not ctx.is_center else CENTER,
-        status="published" if basis else "draft",
-        note="群内新建",
-    )
-    ctx.st.reset()
-    if entry.status == "published":
-        return [Reply(f"已新建并发布知识条目 {entry.id}，将用于答复群众咨询。")]
-    return [
-        Reply(
-            f"已新建知识条目 {entry.id}（草稿）。没有答复依据的条目不能发布，补充依据后发送 /kb edit {entry.id}，"
-            f"再发送 /kb publish {entry.id}。"
-        )
-    ]
-
-
-def _kb_text(ctx: GroupCtx, text: str) -> list[Reply]:
-    state, d = ctx.st.state, ctx.st.data
-    if state == "kb_q":
-        d["questions"] = text
-        ctx.st.state = "kb_a"
-        return [Reply("请输入答复内容：")]
-    if state == "kb_a":
-        d["answer"] = text
-        ctx.st.state = "kb_b"
-        return [Reply("请输入答复依据（政策文件或规定名称和条款）；没有请回复“无”（将保存为草稿）：")]
-    if state == "kb_b":
-        return _kb_create(ctx, d.get("questions", ""), d.get("answer", ""), text)
-    if state == "kb_edit":
-        changes: dict[str, object] = {}
-        for key, value in tx.parse_kb_fields(text).items():
-            changes[key] = _split_questions(value) if key == "questions" else value
-        entry = kb_store.edit_entry(ctx.session, _editor(ctx), d["entry"], note="群内修改", **changes)
-        ctx.st.reset()
-        return [Reply(f"已更新知识条目 {entry.id}（第 {entry.version} 版）。")]
-    ctx.st.reset()
-    return []

@@ -37,6 +37,7 @@ EVENT_ZH = {
     "extension_approved": "同意延期",
     "extension_refused": "不同意延期",
     "co_reply": "协办单位提交意见",
+    "add_co": "中心添加协办单位",
     "submit_reply": "提交办结答复",
     "reply_approved": "答复审核通过",
     "reply_refused": "答复退回重办",
@@ -150,6 +151,7 @@ ASK_REFUSE_REASON = {
     "appeal": "请 {who} 输入甄别不成立的理由（将告知承办单位）：",
 }
 PICK_UNIT = "请选择工单 {number} 的承办单位（第 {page}/{pages} 页）："
+PICK_CO_UNIT = "请选择要添加到工单 {number} 的协办单位（第 {page}/{pages} 页）："
 PICK_TYPE = "请选择工单 {number} 的诉求类型："
 PICK_REJECT = "请选择工单 {number} 不予受理的情形（依据 {document}）："
 
@@ -173,6 +175,8 @@ UNIT_REPLY_REFUSED = "工单 {number} 的办结答复被退回：{note}\n请补�
 UNIT_APPEAL_DECIDED = "工单 {number} 的甄别申请{result}。{note}"
 UNIT_SUPERVISED = "⚠️ 热线中心督办：工单 {number}{note}\n请加快办理，按时答复。"
 UNIT_CO_REPLY = "协办单位{unit}对工单 {number} 的办理意见：\n{text}"
+UNIT_CO_ADDED = "热线中心为工单 {number} 添加了协办单位：{units}。协办意见将提交贵单位，由贵单位汇总后统一答复诉求人。"
+CO_ADDED_CARD = "热线中心指定贵单位为协办单位（主办单位：{lead}），请签收并将办理意见提交主办单位"
 UNIT_RATED = "工单 {number} 诉求人评价：{value}{comment}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from models.tables import Conversation
 class ChatState:
     state: str = "idle"
     data: dict[str, Any] = field(default_factory=dict)
+    # issue 8: the row it was loaded from, so that saving does not read it again (the session's identity
+    # map holds rows weakly: without this reference the row is gone by the time the step saves)
+    row: Conversation | None = field(default=None, repr=False, compare=False)
 
     def reset(self) -> None:
         self.state, self.data = "idle", {}
@@ -36,11 +40,14 @@ def load_state(session: Session, channel: str, chat_id: str) -> ChatState:
     row = session.get(Conversation, (channel, str(chat_id)))
     if row is None:
         return ChatState()
-    return ChatState(row.state, dict(row.data or {}))
+    # a deep copy: the step changes lists inside; the row's loaded value must stay what the database holds
+    return ChatState(row.state, copy.deepcopy(row.data or {}), row=row)
 
 
 def save_state(session: Session, channel: str, chat_id: str, st: ChatState) -> None:
-    row = session.get(Conversation, (channel, str(chat_id)))
+    row = st.row
+    if row is None or row not in session or (row.channel, row.chat_id) != (channel, str(chat_id)):
+        row = session.get(Conversation, (channel, str(chat_id)))
     if row is None:
         row = Conversation(channel=channel, chat_id=str(chat_id))
         session.add(row)

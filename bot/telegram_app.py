@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -45,7 +46,17 @@ from telegram.request import HTTPXRequest
 
 from bot import texts
 from bot.citizen import handle_citizen
-from bot.inbox import Step, is_disconnect, mark_done, pending_updates, prune, record_updates, with_db_retry
+from bot.inbox import (
+    Replayed,
+    Step,
+    StepSessions,
+    is_disconnect,
+    mark_done,
+    pending_updates,
+    prune,
+    record_updates,
+    with_db_retry,
+)
 from bot.messages import Incoming, Reply
 from bot.outbox import ResultRecorder, SendResult, deliver_due, enqueue
 from bot.services import Services
@@ -62,6 +73,20 @@ except ImportError:  # Note its absence once, as a finished import would.
 SLOW_STEP = 2.0  # seconds from update to first reply worth a warning in the log
 RECOVER_EVERY = 5.0  # seconds between looks for updates left pending (issue 8)
 RECOVER_AFTER = timedelta(seconds=60)  # an update pending this long is taken as abandoned
+# conversation states in which a citizen's text answers a question (bot/citizen.py ``_text``), so it is not
+# triaged as a new request; in any other state (or an unknown one) text is worth triaging ahead (issue 8)
+ANSWER_STATES = frozenset(
+    {
+        "ask_number",
+        "add_info",
+        "unsatisfied_reason",
+        "ask_place",
+        "ask_time",
+        "ask_contact",
+        "edit_text",
+        "confirm",
+    }
+)
 
 
 # --------------------------------------------------------------------------- update → Incoming
@@ -353,7 +378,15 @@ class BatchingTriage:
     """issue 8: the triage model answers several messages at once far more cheaply than one by one
     (e5-small on this machine: 36 ms of CPU per message alone, 17 ms in fours, 7 ms in sixteens). Steps
     running at the same time hand their texts to whichever of them calls first, which runs them as one
-    batch; whoever arrives meanwhile waits for the next batch. Nothing waits when there is no queue."""
+    batch; whoever arrives meanwhile waits for the next batch. Nothing waits when there is no queue.
+
+    ``prefetch(text)`` starts a message's triage as soon as the update arrives, before its step has a
+    worker or a database connection (the channel calls it for plain text that will most likely be a new
+    request): messages arriving together are triaged together by one background runner, however few step
+    workers there are, and the step later finds its result ready. A prefetched result nobody asks for is
+    forgotten after ``PREFETCH_TTL`` seconds."""
+
+    PREFETCH_TTL = 60.0
 
     def __init__(
         self, brain: Callable[[str], dict[str, Any]], many: Callable[[list[str]], list[dict]]
@@ -363,55 +396,87 @@ class BatchingTriage:
         self._cond = threading.Condition()
         self._queue: list[tuple[str, dict[str, Any]]] = []
         self._busy = False
+        self._prefetched: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._runner: ThreadPoolExecutor | None = None
+        self._runner_queued = False
+        self.batches: deque[int] = deque(maxlen=1000)  # sizes of the last batches (for profiling)
 
     def load(self) -> None:
         load = getattr(self.brain, "load", None)
         if callable(load):
             load()
 
-    def __call__(self, text: str) -> dict[str, Any]:
-        slot: dict[str, Any] = {}
+    def prefetch(self, text: str) -> None:
+        """Start triaging ``text`` in the background (returns at once)."""
         with self._cond:
+            if text in self._prefetched:
+                return
+            at = time.monotonic()
+            if len(self._prefetched) > 256:
+                for key, (t, slot) in list(self._prefetched.items()):
+                    if at - t > self.PREFETCH_TTL and "result" in slot:
+                        del self._prefetched[key]
+            slot: dict[str, Any] = {}
+            self._prefetched[text] = (at, slot)
             self._queue.append((text, slot))
+            if not self._busy and not self._runner_queued:
+                if self._runner is None:
+                    self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotline-triage")
+                self._runner_queued = True
+                self._runner.submit(self._run_queued)
+
+    def _run_queued(self) -> None:
+        with self._cond:
+            self._runner_queued = False
+            while self._queue and not self._busy:
+                self._run_batch()
+
+    def _run_batch(self) -> None:
+        """Run the next batch (called holding the lock, which is released during the model call)."""
+        self._busy = True
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        results: list[Any] = [RuntimeError("triage interrupted")] * len(batch)
+        self._cond.release()
+        try:
+            out = list(self.many([t for t, _ in batch]))
+            if len(out) != len(batch):
+                raise RuntimeError(f"triage_many gave {len(out)} results for {len(batch)} texts")
+            results = out
+        except Exception as err:  # each caller gets the error, as a lone call would
+            results = [err] * len(batch)
+        finally:
+            self._cond.acquire()
+            self.batches.append(len(batch))
+            for (_, waiting), result in zip(batch, results, strict=True):
+                waiting["result"] = result
+            self._busy = False
+            if self._queue and self._runner is not None and not self._runner_queued:
+                self._runner_queued = True  # prefetched texts queued meanwhile need no caller to run them
+                self._runner.submit(self._run_queued)
+            self._cond.notify_all()
+
+    def __call__(self, text: str) -> dict[str, Any]:
+        with self._cond:
+            found = self._prefetched.pop(text, None)
+            if found is not None and not isinstance(found[1].get("result", None), Exception):
+                slot = found[1]
+            else:  # not prefetched (or its batch failed: try again)
+                slot = {}
+                self._queue.append((text, slot))
             while "result" not in slot:
                 if self._busy:
                     self._cond.wait()
                     continue
-                self._busy = True  # this caller runs the next batch (its own text is in it or a later one)
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                results: list[Any] = [RuntimeError("triage interrupted")] * len(batch)
-                self._cond.release()
-                try:
-                    out = list(self.many([t for t, _ in batch]))
-                    if len(out) != len(batch):
-                        raise RuntimeError(f"triage_many gave {len(out)} results for {len(batch)} texts")
-                    results = out
-                except Exception as err:  # each caller gets the error, as a lone call would
-                    results = [err] * len(batch)
-                finally:
-                    self._cond.acquire()
-                    for (_, waiting), result in zip(batch, results, strict=True):
-                        waiting["result"] = result
-                    self._busy = False
-                    self._cond.notify_all()
+                self._run_batch()  # this caller runs the next batch (its own text is in it or a later one)
         if isinstance(slot["result"], Exception):
             raise slot["result"]
         return slot["result"]
 
     @classmethod
     def wrap(cls, brain: Any) -> Any:
-        """Batching for a brain that can triage many texts at once; other triage functions unchanged."""
+        """Batching for a brain that can triage many texts at once (ProductBrain, bot/services.py); other
+        triage functions unchanged."""
         many = getattr(brain, "triage_many", None)
-        if not callable(many) and type(brain).__name__ == "ProductBrain":
-            # ProductBrain (bot/services.py) has no triage_many yet: the same steps as its __call__, batched
-            def many(texts: list[str]) -> list[dict[str, Any]]:
-                brain.load()
-                try:
-                    brain._fresh_kb()
-                except Exception:
-                    log.warning("knowledge base refresh failed", exc_info=True)
-                return [r.to_dict() for r in brain._triager.triage_many(texts)]
-
         return cls(brain, many) if callable(many) else brain
 
 
@@ -430,6 +495,7 @@ class HotlineBot:
         self._recovered_once = False
         self._tasks: set[asyncio.Task] = set()
         self._last_prune = 0.0
+        self.chat_states: OrderedDict[str, str] = OrderedDict()  # chat -> state after its last step (a hint)
 
     def handle(self, incoming: Incoming) -> list[Reply]:
         """Route to the citizen's or the government side's conversation (plain, blocking)."""
@@ -473,11 +539,34 @@ class HotlineBot:
                 await self._send_or_queue(context.bot, incoming, [Reply(texts.FLOOD)])
             await self._mark(update.update_id, "flood")
             return
+        self._prefetch_triage(incoming)
         async with self.locks[incoming.chat_id]:
             if incoming.is_private and incoming.command not in ("bind", "join"):
                 await self._citizen_step(context.bot, update.update_id, incoming, arrived, early)
             else:
                 await self._group_step(context.bot, update.update_id, incoming)
+
+    def _prefetch_triage(self, incoming: Incoming) -> None:
+        """issue 8: start triaging a citizen's text now, batched with the others arriving, when the step will
+        most likely triage it (a new request: the chat's last known state does not wait for an answer)."""
+        prefetch = getattr(self.services.triage, "prefetch", None)
+        if prefetch is None or not incoming.is_private or incoming.command or incoming.callback:
+            return
+        if incoming.text is None or self.chat_states.get(incoming.chat_id) in ANSWER_STATES:
+            return
+        from bot.citizen import _clean, _has_words
+
+        text = _clean(incoming.text)
+        if text and len(text) <= texts.MAX_TEXT and _has_words(text):
+            prefetch(text)
+
+    def _note_state(self, chat_id: str, state: str | None) -> None:
+        if state is None:
+            return
+        self.chat_states[chat_id] = state
+        self.chat_states.move_to_end(chat_id)
+        while len(self.chat_states) > 100_000:
+            self.chat_states.popitem(last=False)
 
     async def _citizen_step(
         self, bot, update_id: int, incoming: Incoming, arrived: float, early: tuple[str, SendResult] | None
@@ -506,6 +595,7 @@ class HotlineBot:
                 await self._mark(update_id, "failed")
             await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
             return
+        self._note_state(incoming.chat_id, step.state)
         held: SendResult | None = None
         for reply, outbox_id in zip(replies, step.outbox_ids, strict=True):
             if held is not None:  # keep the order: the rest waits for the outbox with the failed one
@@ -532,26 +622,45 @@ class HotlineBot:
             )
 
     async def _group_step(self, bot, update_id: int, incoming: Incoming) -> None:
-        """Staff steps are marked processed just before they run (their transaction is bot/staff.py's):
-        a replayed update is skipped; a step cut short by a crash is not re-run (the person sees no answer
-        and presses again)."""
+        """issue 8: staff steps go through the inbox like citizen steps: the update's "processed" mark, the
+        step (bot/staff.py's transaction, held open by ``StepSessions``) and its replies commit together,
+        so a replayed update changes nothing and a step cut short by a crash is done after the restart;
+        the replies are then sent at once and recorded as sent, or left to the outbox."""
         from bot.staff import handle_group
 
+        step = Step(update_id, incoming.chat_id, incoming.channel)
+
+        def run() -> list[Reply] | None:
+            holder = StepSessions(self.services.sessions, step)
+            try:
+                replies = handle_group(replace(self.services, sessions=holder), incoming)
+            except Replayed:
+                return None
+            except BaseException:
+                holder.discard()
+                raise
+            return holder.finish(replies)
+
         try:
-            fresh = await asyncio.to_thread(
-                with_db_retry, partial(mark_done, self.services.sessions, update_id, "group")
-            )
-        except Exception:
-            log.exception("inbox unavailable for chat %s", incoming.chat_id)
-            fresh = True
-        if not fresh:
-            return
-        try:
-            replies = await asyncio.to_thread(with_db_retry, partial(handle_group, self.services, incoming))
-        except Exception:
+            replies = await asyncio.to_thread(with_db_retry, run)
+        except Exception as err:
             log.exception("handler failed for chat %s", incoming.chat_id)
-            replies = [Reply(texts.BUSY)]
-        await self._send_or_queue(bot, incoming, replies)
+            if not is_disconnect(err):  # a bug would fail again; a database outage is replayed later
+                await self._mark(update_id, "failed")
+            await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
+            return
+        if not replies:
+            return
+        held: SendResult | None = None
+        for reply, outbox_id in zip(replies, step.outbox_ids, strict=True):
+            if held is not None:  # keep the order: the rest waits for the outbox with the failed one
+                result = SendResult(ok=False, deferred=True, retry_after=held.retry_after or 2.0)
+            else:
+                result = await send_reply_result(bot, reply.chat_id or incoming.chat_id, reply)
+                if not result.ok:
+                    log.warning("direct send failed (%s); left to the outbox", mask_text(result.error or ""))
+                    held = None if result.permanent else result
+            await self.recorder.record(outbox_id, result)
 
     def _background(self, coro, failure: str, level: int = logging.DEBUG) -> None:
         async def run() -> None:
@@ -594,10 +703,12 @@ class HotlineBot:
         async def send(msg: OutboxMessage) -> SendResult:
             result = await send_outbox_message(context.bot, msg)
             if result.ok and msg.ticket_id is not None:
-                try:  # issue 8: the message is out; failing to note where must not make it "unsent"
-                    await asyncio.to_thread(with_db_retry, partial(self._record_card, msg, result.message_id))
-                except Exception:
-                    log.exception("could not record where card %s was posted", msg.id)
+                # issue 8: where the card was posted is written with the "sent" record, in its transaction (it
+                # had one of its own before that record, which cost a transaction per card and widened the
+                # window in which a crash makes a delivered card go out again)
+                from bot.staff import record_card_message
+
+                result.after = partial(record_card_message, outbox_msg=msg, message_id=result.message_id)
             return result
 
         await deliver_due(self.services.sessions, "telegram", send, recorder=self.recorder)
@@ -620,11 +731,18 @@ class HotlineBot:
             self._last_prune = time.monotonic()
             await asyncio.to_thread(prune, self.services.sessions)
 
-    def _record_card(self, msg: OutboxMessage, message_id: int | None) -> None:
-        from bot.staff import record_card_message
 
-        with self.services.sessions.begin() as s:
-            record_card_message(s, msg, message_id)
+def _request(root: str, **kw: Any) -> Any:
+    """issue 8: the lean Bot API client (bot/telegram_http.py: a fifth of httpx's CPU per call) for a Bot API
+    server on plain HTTP — a local ``telegram-bot-api`` server next to the bot, the usual set-up for high
+    volume, or the test server. The public HTTPS API, a proxy, or HOTLINE_TELEGRAM_HTTPX=1 use
+    python-telegram-bot's own httpx client (TLS and proxies handled by a well-kept library)."""
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if proxied or not root.startswith("http://") or os.environ.get("HOTLINE_TELEGRAM_HTTPX") == "1":
+        return HTTPXRequest(**kw)
+    from bot.telegram_http import LeanRequest
+
+    return LeanRequest(**kw)
 
 
 def build_application(
@@ -639,10 +757,11 @@ def build_application(
         # issue 8: the timeouts add up to well under bot.inbox.REPLY_CLAIM and outbox.CLAIM_TIMEOUT
         # 16 connections (was 64): httpcore checks every pooled connection on each request, which cost more
         # than the requests themselves under load; 16 in flight is far above Telegram's 30 messages/s
-        request=HTTPXRequest(
+        request=_request(
+            root,
             connection_pool_size=16, read_timeout=10, write_timeout=10, connect_timeout=5, pool_timeout=5
         ),
-        get_updates_request=HTTPXRequest(read_timeout=40),
+        get_updates_request=_request(root, connection_pool_size=1, read_timeout=40),
         inbox=hb.inbox,
     )
     builder = ApplicationBuilder().bot(bot).update_queue(DurableQueue(hb.inbox))

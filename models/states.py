@@ -39,6 +39,7 @@ ACTION_ZH = {
     "archive": "归档",
     "reopen": "转为工单",
     "add_info": "追加信息",
+    "add_co": "添加协办单位",
 }
 
 OPEN_STATES = frozenset(
@@ -76,4 +77,6 @@ ALLOWED: dict[str, frozenset[str]] = {
     "urge": frozenset({"dispatched", "signed", "redo", "extension_requested", "return_requested"}),
     "archive": frozenset({"replied"}),
     "add_info": OPEN_STATES,
+    # the center adds co-handling units while the lead unit works on it (or asks to return it)
+    "add_co": frozenset({"dispatched", "signed", "redo", "extension_requested", "return_requested"}),
 }

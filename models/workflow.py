@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.catalog import CENTER
 from models.clock import now
 from models.errors import IllegalTransition, IncompleteReply, NotFound, PermissionDenied, WorkflowError
 from models.policy import REQUEST_TYPES, Duration, Policy, load_policy
@@ -355,6 +356,24 @@ def dispatch(
     return ticket
 
 
+def add_co_units(session: Session, ticket: Ticket, actor: Actor, *, units: Iterable[str]) -> list[str]:
+    """The center adds co-handling units (协办/会办) to a dispatched ticket: the lead unit stays and answers
+    for all (平利 第八条（四）; 渠县 第十条). Returns the codes actually added (already present ones are
+    skipped); the lead's clocks do not change."""
+    _check(ticket, "add_co")
+    _require_center(actor)
+    present = {tu.unit_code for tu in ticket.units}
+    added = [c for c in dict.fromkeys(units) if c not in present and c != CENTER]
+    if not added:
+        raise WorkflowError("所选单位已在办理该工单，无需重复添加。")
+    for code in added:
+        _require_unit(session, code)
+    for code in added:
+        ticket.units.append(TicketUnit(unit_code=code, role="co", assigned_at=now()))
+    _event(session, ticket, actor, "add_co", None, units=added, lead=ticket.lead_unit)
+    return added
+
+
 def _urgent_rule(policy: Policy, level: str | None):
     if not level or not policy.urgent:
         return None
@@ -431,8 +450,9 @@ def request_return(
     if not (reason or "").strip():
         raise WorkflowError("申请退回须注明退回理由和依据。")
     rule = policy.returns
-    if rule.max_count is not None and ticket.return_count >= rule.max_count:
-        raise WorkflowError(f"该工单已退回 {ticket.return_count} 次，不能再退回（{rule.cite}）。")
+    refusal = return_refusal(ticket)
+    if refusal:
+        raise WorkflowError(refusal)
     at = now()
     late = ticket.return_due is not None and at > ticket.return_due
     if late and rule.late == "refuse":
@@ -466,6 +486,39 @@ def request_return(
         suggestion=suggestion,
     )
     return req
+
+
+def designated_final(ticket: Ticket) -> bool:
+    """指定办理: once a unit has returned the ticket and the center has named the unit that handles it
+    (coordination after a disputed duty), the policy may forbid returning it again (平利 第九条; 渠县 第十条
+    "通过上述方式确定的主办单位和协办单位……不得退回"; 大连 第十五条 "指定的承办单位不得推诿")."""
+    return policy_of(ticket).returns.designated_final and ticket.return_count > 0
+
+
+def return_refusal(ticket: Ticket) -> str | None:
+    """Why the lead unit may not ask to return the ticket again, in Chinese; None when it may (the
+    return window is checked when the request is made)."""
+    rule = policy_of(ticket).returns
+    if rule.max_count is not None and ticket.return_count >= rule.max_count:
+        return f"该工单已退回 {ticket.return_count} 次，不能再退回（{rule.cite}）。"
+    if designated_final(ticket):
+        return (
+            f"工单 {ticket.number} 是热线中心在退回后协调指定贵单位办理的，指定的承办单位不得再退回，"
+            f"请继续办理（{rule.cite}）。"
+        )
+    return None
+
+
+def extension_refusal(ticket: Ticket) -> str | None:
+    """Why the ticket may get no (further) extension under its policy, in Chinese; None when it may."""
+    rule = policy_of(ticket).extension
+    if ticket.type in rule.not_for:
+        return f"{TYPE_ZH[ticket.type]}类工单不予延期（{rule.cite}）。"
+    if rule.not_for_urgent and ticket.urgent:
+        return f"突发（紧急）类工单不予延期，请按紧急时限办结（{rule.cite}）。"
+    if ticket.extension_count >= rule.max_count:
+        return f"该工单已延期 {ticket.extension_count} 次，已达上限（{rule.cite}）。"
+    return None
 
 
 def pending_request(session: Session, ticket: Ticket, kind: str) -> TicketRequest | None:
@@ -527,10 +580,9 @@ def request_extension(
     at = now()
     if not (reason or "").strip():
         raise WorkflowError("申请延期须说明理由。")
-    if ticket.type in rule.not_for:
-        raise WorkflowError(f"{TYPE_ZH[ticket.type]}类工单不予延期（{rule.cite}）。")
-    if ticket.extension_count >= rule.max_count:
-        raise WorkflowError(f"该工单已延期 {ticket.extension_count} 次，已达上限（{rule.cite}）。")
+    refusal = extension_refusal(ticket)
+    if refusal:
+        raise WorkflowError(refusal)
     if (
         rule.needs_leader_from
         and ticket.extension_count + 1 >= rule.needs_leader_from

@@ -238,3 +238,80 @@ def test_console_runs_the_same_conversation_with_numbered_buttons(services, db):
     with db() as s:
         t = s.scalars(select(Ticket)).one()
         assert t.channel == "console"
+
+
+def _report_streetlight(services, db, user: str, text: str) -> list:
+    """Write ``text``, answer the place and time questions; returns the reply shown at the confirm step."""
+    from bot.state import load_state
+
+    replies = say(services, text, user=user)
+    for _ in range(4):
+        with db() as s:
+            st = load_state(s, "telegram", user)
+        if st.state == "confirm":
+            return replies
+        if st.state == "ask_place":
+            replies = say(services, "幸福路与建设路交叉口", user=user)
+        elif st.state == "ask_time":
+            replies = press(services, f"time:today:{st.token}", user=user)
+        else:
+            raise AssertionError(f"unexpected state {st.state}")
+    raise AssertionError("never reached the confirm step")
+
+
+class EmbeddingTriage:
+    """The fake triage plus the real e5 embedding the product's triage exposes for similar tickets."""
+
+    def __call__(self, text: str) -> dict:
+        return fake_triage(text)
+
+    def embed(self, text: str):
+        from triage.embedding import get_encoder
+
+        return get_encoder().encode([text], prefix="query: ")[0]
+
+
+@pytest.fixture
+def services_emb(services):
+    return Services(sessions=services.sessions, triage=EmbeddingTriage(), policy_name=services.policy_name)
+
+
+@pytest.mark.slow
+def test_second_citizen_reporting_the_same_streetlight_can_join_the_open_ticket(services_emb, db):
+    services = services_emb
+    [r] = _report_streetlight(services, db, "1", "幸福路与建设路交叉口的路灯坏了，晚上一片漆黑")
+    [r] = press(services, r.buttons[0][0].data, user="1")
+    assert "已受理，工单号" in r.text
+    number = r.text.split("工单号 ")[1].split("\n")[0].strip()
+    # a neighbour writes about the same lamp in other words
+    [offer] = _report_streetlight(services, db, "2", "建设路交叉口那个路灯坏了好几天，晚上漆黑一片不安全")
+    assert number in offer.text and "加入" in offer.text and "仍然新建" in offer.text
+    join = offer.buttons[0][0]
+    [r] = press(services, join.data, user="2")
+    assert number in r.text and "已将您加入" in r.text
+    with db() as s:
+        assert len(s.scalars(select(Ticket)).all()) == 1  # no duplicate ticket for the unit
+    # the follower may look at the progress of the ticket joined, and the join button is now stale
+    [r] = say(services, command="status", args=number, user="2")
+    assert number in r.text and "已转办" in r.text
+    [r] = say(services, command="status", args=number, user="3")
+    assert "没有找到" in r.text
+    [r] = press(services, join.data, user="2")
+    assert "过期" in r.text
+
+
+@pytest.mark.slow
+def test_declining_the_join_offer_files_a_new_ticket_and_other_places_get_no_offer(services_emb, db):
+    services = services_emb
+    [r] = _report_streetlight(services, db, "1", "幸福路与建设路交叉口的路灯坏了，晚上一片漆黑")
+    press(services, r.buttons[0][0].data, user="1")
+    [offer] = _report_streetlight(services, db, "2", "建设路交叉口那个路灯坏了好几天，晚上漆黑一片不安全")
+    [r] = press(services, offer.buttons[0][1].data, user="2")
+    assert "请确认" in r.text
+    [r] = press(services, r.buttons[0][0].data, user="2")
+    assert "已受理，工单号" in r.text
+    # the same citizen again, or a different event, is not offered a join
+    [r] = _report_streetlight(services, db, "3", "人民公园南门的公厕没有水，脏得没法用")
+    assert "请确认" in r.text and "加入" not in r.text
+    with db() as s:
+        assert len(s.scalars(select(Ticket)).all()) == 2

@@ -21,7 +21,7 @@ from bot.outbox import claim_batch, enqueue
 from bot.services import Services
 from bot.telegram_app import FOLLOW_UP, BatchingTriage, build_application
 from models.catalog import load_catalog
-from models.tables import ChatBinding, InboundUpdate, OutboxMessage, Ticket
+from models.tables import ChatBinding, InboundUpdate, OutboxMessage, Staff, Ticket, TicketEvent
 from tests.conftest import PG_URL
 from tests.test_citizen_flow import fake_triage, to_confirm
 
@@ -114,6 +114,43 @@ def test_the_outbox_survives_an_outage_and_a_restart_and_delivers_each_message_o
     assert sum(got.values()) == len(notices) + 1
 
 
+def test_rows_of_a_dead_sender_go_out_again_and_a_possibly_sent_one_is_flagged(services, db, clock):
+    """issue 8: a claimed row is marked "sending" just before its request; when its sender dies, a row it had
+    not started is certainly unsent, one it had started may have reached Telegram: both are sent when the
+    claim runs out, the second flagged as possibly delivered twice."""
+    from bot.outbox import UNCONFIRMED, mark_sending
+
+    with db.begin() as s:
+        for i in range(2):
+            enqueue(s, channel="telegram", chat_id=str(-2000 - i), reply=Reply(f"通知 {i}"), kind="urge")
+    claimed = claim_batch(db, "telegram")
+    started = claimed[0].id
+    assert mark_sending(db, [started]) == {started}  # the dead sender's request for this one had begun
+    with db() as s:
+        assert {m.id: m.status for m in s.scalars(select(OutboxMessage))} == {
+            started: "sending",
+            claimed[1].id: "claimed",
+        }
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(services, api):
+            await asyncio.sleep(0.5)
+            assert not api.sent, "claimed rows wait for their claim to end"
+            clock.advance(seconds=61)
+            await until(lambda: all_sent(db), timeout=20)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    assert sorted(delivered(api).values()) == [1, 1]
+    with db() as s:
+        rows = {m.id: m for m in s.scalars(select(OutboxMessage))}
+    assert rows[started].last_error.startswith(UNCONFIRMED)
+    assert rows[claimed[1].id].last_error is None
+
+
 def test_a_replayed_update_neither_duplicates_the_ticket_nor_loses_its_reply(services, db, clock):
     say = Incoming(channel="telegram", chat_id=str(CITIZEN), user_id=str(CITIZEN), text="烧烤摊油烟太大")
     handle_citizen(services, say)
@@ -169,6 +206,158 @@ def test_an_update_taken_but_never_processed_is_processed_after_a_restart(servic
     with db() as s:
         row = s.get(InboundUpdate, update_id)
         assert row.done_at is not None and row.payload is None, "done, and the raw update is erased"
+
+
+STAFF = 8801
+
+
+def _dispatched_ticket(services, db) -> Ticket:
+    """A citizen's confirmed request, dispatched to the unit of UNIT_CHAT, and a handler of that unit."""
+    say = Incoming(channel="telegram", chat_id=str(CITIZEN), user_id=str(CITIZEN), text="烧烤摊油烟太大")
+    handle_citizen(services, say)
+    token = to_confirm(services, db, user=str(CITIZEN))
+    press = Incoming(channel="telegram", chat_id=str(CITIZEN), user_id=str(CITIZEN), callback=f"d:ok:{token}")
+    handle_citizen(services, press)
+    with db.begin() as s:
+        s.add(Staff(user_id=STAFF, display_name="李科员", unit_code="chengguan", role="handler"))
+        ticket = s.scalars(select(Ticket)).one()
+        s.expunge(ticket)
+    assert ticket.status == "dispatched"
+    return ticket
+
+
+def _signs(db, ticket_id: int) -> int:
+    with db() as s:
+        return len(
+            s.scalars(
+                select(TicketEvent).where(TicketEvent.ticket_id == ticket_id, TicketEvent.action == "sign")
+            ).all()
+        )
+
+
+def test_a_staff_press_taken_but_never_processed_is_done_once_after_a_restart(services, db, clock):
+    """issue 8: staff steps go through the inbox like citizen steps (they used to be marked done before
+    they ran, so a crash in between lost the press)."""
+    from sqlalchemy.exc import OperationalError
+
+    import bot.staff
+
+    ticket = _dispatched_ticket(services, db)
+    api = FakeBotAPI().start()
+    real = bot.staff.handle_group
+    started = []
+
+    def cut_off(svc, msg):
+        """The step starts (its session is open) and never finishes: the database goes away under it."""
+        with svc.sessions() as session:
+            session.execute(select(Ticket.id))
+            started.append(msg.callback)
+            raise OperationalError("UPDATE ticket_units …", {}, ConnectionResetError("server closed"))
+
+    async def scenario():
+        bot.staff.handle_group = cut_off
+        try:
+            async with Bot(services, api):
+                update_id = api.press(UNIT_CHAT, f"u:sign:{ticket.id}", user_id=STAFF, chat_type="supergroup")
+                # tried again (bot/inbox.py with_db_retry) and given up; the person is told to wait
+                await until(
+                    lambda: len(started) >= 4 and any("稍后" in m.text for m in api.sent_to(UNIT_CHAT))
+                )
+        finally:
+            bot.staff.handle_group = real
+        with db() as s:
+            assert s.get(InboundUpdate, update_id).done_at is None, (
+                "a step that never committed stays pending"
+            )
+        async with Bot(services, api):  # the restarted bot replays it
+            await until(lambda: any("签收人" in s.text for s in api.sent_to(UNIT_CHAT)))
+            await until(lambda: all_sent(db))
+        return update_id
+
+    try:
+        update_id = asyncio.run(scenario())
+    finally:
+        api.stop()
+    assert _signs(db, ticket.id) == 1
+    signed = [s for s in api.sent_to(UNIT_CHAT) if "签收人" in s.text]
+    assert len(signed) == 1
+    assert not any("无需重复签收" in s.text for s in api.sent)
+    with db() as s:
+        row = s.get(InboundUpdate, update_id)
+        assert row.done_at is not None and row.outcome == "done" and row.payload is None
+
+
+def test_a_replayed_staff_press_is_not_done_twice_and_its_reply_is_not_lost(services, db, clock):
+    """The step committed (with its reply reserved in the outbox) and the bot died before sending the reply
+    and before Telegram heard it had the update: Telegram gives the press again, the restarted bot skips it,
+    and the reserved reply goes out once when the dead bot's reservation ends."""
+    from dataclasses import replace
+
+    from bot.inbox import StepSessions
+    from bot.staff import handle_group
+
+    ticket = _dispatched_ticket(services, db)
+    api = FakeBotAPI().start()
+    update_id = api.press(UNIT_CHAT, f"u:sign:{ticket.id}", user_id=STAFF, chat_type="supergroup")
+    record_updates(db, [(update_id, str(UNIT_CHAT), api.state.updates[-1])])
+    press = Incoming(
+        channel="telegram",
+        chat_id=str(UNIT_CHAT),
+        user_id=str(STAFF),
+        chat_type="supergroup",
+        callback=f"u:sign:{ticket.id}",
+        callback_message_id=1,
+    )
+    holder = StepSessions(db, Step(update_id, str(UNIT_CHAT)))
+    [reply] = holder.finish(handle_group(replace(services, sessions=holder), press))
+    assert "签收人" in reply.text
+    assert _signs(db, ticket.id) == 1
+
+    async def scenario():
+        async with Bot(services, api):
+            await until(lambda: api.state.confirmed > update_id)  # taken again, and skipped
+            await until(lambda: any(s.chat_id == str(CITIZEN) for s in api.sent))  # the outbox runs
+            assert not any("签收人" in s.text for s in api.sent), "the replay sends nothing itself"
+            clock.advance(seconds=50)  # the dead bot's reservation runs out
+            await until(lambda: any("签收人" in s.text for s in api.sent))
+            await until(lambda: all_sent(db))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    assert _signs(db, ticket.id) == 1
+    assert len([s for s in api.sent_to(UNIT_CHAT) if "签收人" in s.text]) == 1
+    assert not any("无需重复签收" in s.text for s in api.sent)
+
+
+def test_a_refused_staff_step_still_marks_its_update_done(services, db, clock):
+    """A refusal rolls the step back (bot/staff.py); the update is claimed again with the refusal's reply."""
+    from dataclasses import replace
+
+    from bot.inbox import StepSessions
+    from bot.staff import handle_group
+
+    ticket = _dispatched_ticket(services, db)
+    replies = []
+    for update_id in (900001, 900002):  # the second press of 签收 is refused
+        record_updates(db, [(update_id, str(UNIT_CHAT), {"update_id": update_id})])
+        press = Incoming(
+            channel="telegram",
+            chat_id=str(UNIT_CHAT),
+            user_id=str(STAFF),
+            chat_type="supergroup",
+            callback=f"u:sign:{ticket.id}",
+        )
+        holder = StepSessions(db, Step(update_id, str(UNIT_CHAT)))
+        replies += holder.finish(handle_group(replace(services, sessions=holder), press))
+    assert "无需重复签收" in replies[-1].text
+    assert _signs(db, ticket.id) == 1
+    with db() as s:
+        for update_id in (900001, 900002):
+            assert s.get(InboundUpdate, update_id).done_at is not None
+        kept = s.scalars(select(OutboxMessage).where(OutboxMessage.chat_id == str(UNIT_CHAT))).all()
+        assert any("无需重复签收" in m.text for m in kept), "the refusal is kept for its direct send"
 
 
 @pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
@@ -279,3 +468,21 @@ def test_a_failing_triage_model_fails_each_step_without_hanging_the_others():
     triage, out = _call_together(model, 5)
     assert all(isinstance(r, RuntimeError) for r in out)
     assert not triage._busy and not triage._queue
+
+
+def test_texts_prefetched_as_they_arrive_are_triaged_together_and_each_step_gets_its_own():
+    """issue 8: the channel starts triage when an update arrives; messages arriving while the model is busy
+    go in the next batch together, and a step asking for its text later gets that result, not a new call."""
+    model = SlowModel()
+    triage = BatchingTriage.wrap(model)
+    triage.prefetch("诉求0")  # the runner takes it and holds (SlowModel's first batch waits)
+    deadline = time.monotonic() + 10
+    while not model.batches and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for i in range(1, 6):
+        triage.prefetch(f"诉求{i}")
+    model.go.set()
+    assert [triage(f"诉求{i}")["echo"] for i in range(6)] == [f"诉求{i}" for i in range(6)]
+    assert [len(b) for b in model.batches] == [1, 5], "one call for the first, one for the five behind it"
+    assert triage("诉求9")["echo"] == "诉求9"  # not prefetched: triaged when asked
+    assert not triage._prefetched and not triage._queue

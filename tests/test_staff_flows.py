@@ -356,7 +356,8 @@ def test_return_approved_with_reassignment_moves_card_to_new_unit(world):
     moved = next(m for m in sent if m.edit == old_card.message_id)
     assert "已不由贵单位办理" in moved.text and not moved.data
     assert any("已改由住房和城乡建设局办理" in x for x in texts_to(sent, CITIZEN))
-    assert any(m.edit == request.message_id and not m.data for m in sent)  # the center's card is settled
+    # the center's card is settled: no decision left on it, only 添加协办 for the new lead unit
+    assert any(m.edit == request.message_id and m.data == [f"c:copick:{t.id}"] for m in sent)
 
     before = snapshot(w)
     assert "不是交给城市管理局办理" in only(w.press(CG_CHAT, CG_HANDLER, f"u:sign:{t.id}"))
@@ -697,7 +698,7 @@ def test_center_confirms_triage_changes_type_and_picks_a_unit(world):
     assert f"u:sign:{t.id}" in card_in(sent, SC_CHAT).data
     assert any("已转交市场监督管理局办理" in x for x in texts_to(sent, CITIZEN))
     settled = next(m for m in sent if m.edit == review.message_id)
-    assert "已处理：转办" in settled.text and not settled.data
+    assert "已处理：转办" in settled.text and settled.data == [f"c:copick:{t.id}"]  # only 添加协办 is left
     t = w.ticket(t.number)
     # 投诉 5 个工作日 from dispatch (渠府办〔2023〕66号 第十一条（二）)
     assert (t.status, t.lead_unit, t.finish_due) == (
@@ -838,3 +839,71 @@ def test_forged_oversized_ticket_id_is_refused_politely(world):
     w = world
     reply = only(w.press(CG_CHAT, CG_HANDLER, "u:sign:99999999999999999999"))
     assert "系统繁忙" not in reply and reply
+
+
+def test_center_adds_a_co_handling_unit_with_the_plain_function(world):
+    from bot.center import add_co_handling
+    from models.errors import IllegalTransition, PermissionDenied, WorkflowError
+    from models.workflow import Actor
+
+    w = world
+    t = signed_ticket(w)
+    center = Actor("center", str(OPERATOR), unit_code="center")
+    with w.db.begin() as s:
+        ticket = s.get(Ticket, t.id)
+        with pytest.raises(PermissionDenied):
+            add_co_handling(s, ticket, Actor("staff", str(CG_HANDLER), unit_code="chengguan"), ["shichang"])
+    with w.db.begin() as s:
+        assert add_co_handling(s, s.get(Ticket, t.id), center, ["shichang", "chengguan"]) == ["shichang"]
+    sent = w.drain()
+    co_card = card_in(sent, SC_CHAT)
+    assert "指定贵单位为协办单位（主办单位：城市管理局）" in co_card.text and f"u:sign:{t.id}" in co_card.data
+    assert any("添加了协办单位：市场监督管理局" in x for x in texts_to(sent, CG_CHAT))
+    assert any("协办：市场监督管理局" in m.text for m in sent if m.chat == CG_CHAT and m.edit)
+    with w.db.begin() as s:
+        with pytest.raises(WorkflowError, match="无需重复添加"):
+            add_co_handling(s, s.get(Ticket, t.id), center, ["shichang"])
+    # the co-unit signs and hands its part to the lead, which answers for both
+    w.press(SC_CHAT, SC_HANDLER, f"u:sign:{t.id}", co_card.message_id)
+    w.press(SC_CHAT, SC_HANDLER, f"u:co:{t.id}")
+    assert "提交主办单位城市管理局" in only(w.say(SC_CHAT, SC_HANDLER, "经检测油烟超标，已下达整改通知"))
+    submitted_reply(w, t)
+    with w.db.begin() as s:
+        with pytest.raises(IllegalTransition):
+            add_co_handling(s, s.get(Ticket, t.id), center, ["zhujian"])
+    with w.db() as s:
+        units = {tu.unit_code: tu.role for tu in s.scalars(select(TicketUnit).where(TicketUnit.ticket_id == t.id))}
+        assert units == {"chengguan": "lead", "shichang": "co"}
+        assert s.scalar(select(func.count(TicketEvent.id)).where(TicketEvent.action == "add_co")) == 1
+
+
+def test_first_unsatisfied_in_quxian_is_archived_not_promised_a_redo(world):
+    w = world
+    t = signed_ticket(w)
+    card = submitted_reply(w, t)
+    w.press(CENTER_CHAT, OPERATOR, f"c:repok:{t.id}", card.message_id)
+    w.drain()
+    asked = only(w.citizen(callback=f"rate:{t.number}:unsatisfied"))
+    told = only(w.citizen(text="态度不好"))
+    sent = w.drain()
+    assert w.ticket(t.number).status == "archived"
+    assert "重新办理" not in asked
+    assert "已归档" in told and "人工回访" not in told
+    assert not any("再次不满意" in x for x in texts_to(sent, CENTER_CHAT))
+
+
+def test_citizens_who_joined_a_ticket_hear_the_approved_reply_but_get_no_survey(world):
+    from bot.citizen import get_or_create_citizen
+    from triage.similar import add_follower
+
+    w = world
+    t = signed_ticket(w)
+    with w.db.begin() as s:
+        neighbour = get_or_create_citizen(s, "telegram", "7002")
+        add_follower(s, s.get(Ticket, t.id), neighbour.id, "那个路灯我也看到坏了")
+    card = submitted_reply(w, t)
+    w.press(CENTER_CHAT, OPERATOR, f"c:repok:{t.id}", card.message_id)
+    sent = w.drain()
+    [told] = [m for m in sent if m.chat == "7002"]
+    assert t.number in told.text and "路灯已恢复照明" in told.text and told.data == []
+    assert any(m.data and m.data[0].startswith("rate:") for m in sent if m.chat == CITIZEN)

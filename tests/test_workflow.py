@@ -13,12 +13,14 @@ from models.tables import Rating, TicketEvent
 from models.workflow import (
     SYSTEM,
     Actor,
+    add_co_units,
     add_info,
     answer_from_kb,
     create_ticket,
     decide_appeal,
     decide_extension,
     decide_return,
+    designated_final,
     dispatch,
     expire_survey,
     find_repeat,
@@ -386,3 +388,86 @@ def test_record_triage_rejects_unknown_type(db, clock):
         t = create_ticket(s, text="随便说说")
         with pytest.raises(WorkflowError):
             record_triage(s, t, type="praise", units=[])
+
+
+# --------------------------------------------------------------------------- designated units, urgent extensions
+
+
+@pytest.mark.parametrize("policy", ["quxian", "pingli", "dalian"])
+def test_unit_designated_after_a_return_may_not_return_it_again(db, clock, policy):
+    # 渠府办〔2023〕66号 第十条 "通过上述方式确定的主办单位和协办单位……不得退回"; 平政办发〔2018〕111号 第九条;
+    # 大政发〔2015〕30号 第十五条 "指定的承办单位不得推诿"
+    with db.begin() as s:
+        t = dispatched_ticket(s, policy=policy)
+        assert not designated_final(t)
+        request_return(s, t, CG, reason="属于住建部门物业监管职责", suggestion="转住建局")
+        decide_return(s, t, CENTER, approve=True, new_lead="zhujian", note="协调指定住建局办理")
+        assert designated_final(t)
+        zj = staff("zhujian", "s7")
+        events = len(history(s, t))
+        with pytest.raises(WorkflowError, match="不得再退回"):
+            request_return(s, t, zj, reason="也不是我们的职责")
+        assert t.status == "dispatched" and len(history(s, t)) == events
+        sign(s, t, zj)  # the designated unit handles it
+        with pytest.raises(WorkflowError, match="不得再退回"):
+            request_return(s, t, zj, reason="还是不归我们管")
+
+
+def test_without_designated_final_a_redispatched_unit_may_still_return(db, clock):
+    # 宿政办发〔2020〕55号 sets no such rule: the second unit may ask to return too
+    with db.begin() as s:
+        t = dispatched_ticket(s, policy="suqian")
+        request_return(s, t, CG, reason="属于住建部门职责")
+        decide_return(s, t, CENTER, approve=True, new_lead="zhujian")
+        assert not designated_final(t)
+        request_return(s, t, staff("zhujian", "s7"), reason="属于城管部门职责")
+        assert t.status == "return_requested" and t.return_count == 1
+
+
+def test_no_extension_for_urgent_tickets_pingli(db, clock):
+    # 平政办发〔2018〕111号 第十三条: "除突发类事项外" a unit may ask for an extension
+    with db.begin() as s:
+        t = dispatched_ticket(s, text="整个小区停水一天了", type="help", policy="pingli",
+                              urgent_level="urgent")
+        assert t.urgent
+        sign(s, t, CG)
+        with pytest.raises(WorkflowError, match="突发"):
+            request_extension(s, t, CG, reason="需要更换主管道", new_due=t.finish_due + timedelta(days=1))
+        assert t.status == "signed" and t.extension_count == 0
+        ordinary = dispatched_ticket(s, text="小区路灯坏了", type="help", policy="pingli")
+        sign(s, ordinary, CG)
+        request_extension(s, ordinary, CG, reason="需要更换线路", new_due=ordinary.finish_due + timedelta(days=1))
+        assert ordinary.status == "extension_requested"
+
+
+def test_urgent_tickets_may_be_extended_where_the_policy_allows_it(db, clock):
+    # 渠府办〔2023〕66号 第十一条（三） does not exclude special matters from extension
+    with db.begin() as s:
+        t = dispatched_ticket(s, text="整个小区停水一天了", type="help", lead="chengguan",
+                              urgent_level="special")
+        sign(s, t, CG)
+        request_extension(s, t, CG, reason="需要更换主管道", new_due=t.finish_due + timedelta(days=1))
+        assert t.status == "extension_requested"
+
+
+def test_center_adds_co_handling_units_to_a_dispatched_ticket(db, clock):
+    with db.begin() as s:
+        t = dispatched_ticket(s)
+        sign(s, t, CG)
+        due = t.finish_due
+        with pytest.raises(PermissionDenied):
+            add_co_units(s, t, CG, units=["shengtai"])
+        assert add_co_units(s, t, CENTER, units=["shengtai", "chengguan", "shengtai"]) == ["shengtai"]
+        assert t.co_units == ["shengtai"] and t.lead_unit == "chengguan" and t.finish_due == due
+        with pytest.raises(WorkflowError, match="无需重复添加"):
+            add_co_units(s, t, CENTER, units=["shengtai"])
+        with pytest.raises(WorkflowError, match="没有代码为"):
+            add_co_units(s, t, CENTER, units=["nosuchunit"])
+        sg = staff("shengtai", "s9")
+        sign(s, t, sg)
+        submit_contribution(s, t, sg, text="已检测油烟，超标，已下达整改通知")
+        ev = history(s, t)[-3]
+        assert (ev.action, ev.payload["units"], ev.to_status) == ("add_co", ["shengtai"], "signed")
+        submit_reply(s, t, CG, **GOOD_REPLY)
+        with pytest.raises(IllegalTransition):
+            add_co_units(s, t, CENTER, units=["gongan"])
