@@ -219,6 +219,7 @@ def find_similar(
     citizen_only: bool = False,
     min_score: float = MIN_SCORE,
     model: str | None = None,
+    same_place_only: bool = False,
 ) -> list[SimilarTicket]:
     """Earlier tickets about the same event as ``text``, best first (at most ``limit``).
 
@@ -227,6 +228,8 @@ def find_similar(
     ``location``: the place the citizen gave (None: the place found in the text). Only tickets created in
     ``[now - window_days, now]`` and not rejected/redirected are examined; ``open_only`` keeps open tickets,
     ``citizen_only`` the citizen's own. ``model``: only compare stored vectors of this encoder.
+    ``same_place_only``: skip candidates at another place before any wording is compared (the cheap test
+    first: "join the existing ticket" needs the same place anyway).
     """
     since = now - timedelta(days=window_days)
     query = select(Ticket).where(
@@ -245,16 +248,21 @@ def find_similar(
     candidates = list(session.scalars(query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)))
     if not candidates:
         return []
-    emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
-    stored = ticket_embeddings(session, [t.id for t in candidates], model) if emb is not None else {}
     here = place_of(text, location)
-    found: list[SimilarTicket] = []
+    places = {}
     for t in candidates:
         there = place_of(t.original_text, t.ev_place)
+        # the extracted place is one road of several a message names: also accept it inside the other text
+        places[t.id] = (there, same_place(here, there) or _named_in(here, t.original_text) or _named_in(there, text))
+    if same_place_only:
+        candidates = [t for t in candidates if places[t.id][1]]
+    emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
+    stored = ticket_embeddings(session, [t.id for t in candidates], model) if emb is not None and candidates else {}
+    found: list[SimilarTicket] = []
+    for t in candidates:
+        there, place = places[t.id]
         wording, method = wording_similarity(text, t.original_text, emb, stored.get(t.id), here, there)
         citizen = citizen_id is not None and t.citizen_id == citizen_id
-        # the extracted place is one road of several a message names: also accept it inside the other text
-        place = same_place(here, there) or _named_in(here, t.original_text) or _named_in(there, text)
         score = W_TEXT * wording + W_PLACE * place + W_CITIZEN * citizen
         if score < min_score:
             continue
@@ -325,6 +333,7 @@ def join_candidates(
         limit=20,
         open_only=True,
         model=model,
+        same_place_only=True,
     )
     return [c for c in found if not c.same_citizen and c.same_place and "similar_wording" in c.reasons][
         :limit
