@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 import numpy as np
 from sqlalchemy import select
@@ -138,12 +139,15 @@ _PLACE_NOISE = re.compile(r"[\s,，。、;；:：()（）\-—·]|附近|旁边|
 _DIGITS = re.compile(r"\d+|[一二三四五六七八九十百]+(?=[号栋幢单元楼层排组])")
 
 
+@lru_cache(maxsize=8192)
 def _norm_place(place: str | None) -> str:
     return _PLACE_NOISE.sub("", (place or "").lower())
 
 
+@lru_cache(maxsize=8192)
 def place_of(text: str, place: str | None) -> str:
-    """The location string of a ticket or message: the given one, else the place found in the text."""
+    """The location string of a ticket or message: the given one, else the place found in the text.
+    Cached: every search compares the new message with the same few hundred recent tickets."""
     if place and place.strip():
         return _norm_place(place)
     from triage.elements import extract_elements
@@ -174,8 +178,8 @@ def _named_in(place: str, text: str | None) -> bool:
 # ------------------------------------------------------------------------------------- storage
 
 
-def _vector(row: TicketEmbedding) -> np.ndarray:
-    return np.frombuffer(row.vector, dtype=np.float32, count=row.dim)
+def _vector(vector: bytes, dim: int) -> np.ndarray:
+    return np.frombuffer(vector, dtype=np.float32, count=dim)
 
 
 def store_embedding(session: Session, ticket: Ticket, embedding: np.ndarray, model: str = "e5-small") -> None:
@@ -195,10 +199,12 @@ def ticket_embeddings(
     ids = list(ids)
     if not ids:
         return {}
-    query = select(TicketEmbedding).where(TicketEmbedding.ticket_id.in_(ids))
+    query = select(TicketEmbedding.ticket_id, TicketEmbedding.vector, TicketEmbedding.dim).where(
+        TicketEmbedding.ticket_id.in_(ids)
+    )
     if model is not None:
         query = query.where(TicketEmbedding.model == model)
-    return {row.ticket_id: _vector(row) for row in session.scalars(query)}
+    return {tid: _vector(vector, dim) for tid, vector, dim in session.execute(query)}
 
 
 # ------------------------------------------------------------------------------------- search
@@ -232,7 +238,8 @@ def find_similar(
     first: "join the existing ticket" needs the same place anyway).
     """
     since = now - timedelta(days=window_days)
-    query = select(Ticket).where(
+    # plain columns, not Ticket objects: a search reads a few hundred rows and keeps at most ``limit``
+    query = select(Ticket.id, Ticket.original_text, Ticket.ev_place, Ticket.citizen_id).where(
         Ticket.created_at >= since,
         Ticket.created_at <= now,
         Ticket.status.notin_(EXCLUDED_STATUSES),
@@ -245,24 +252,28 @@ def find_similar(
         if citizen_id is None:
             return []
         query = query.where(Ticket.citizen_id == citizen_id)
-    candidates = list(session.scalars(query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)))
-    if not candidates:
+    rows = session.execute(query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)).all()
+    if not rows:
         return []
     here = place_of(text, location)
+    text_norm = _norm_place(text)
     places = {}
-    for t in candidates:
-        there = place_of(t.original_text, t.ev_place)
+    for tid, original, ev_place, _ in rows:
+        there = place_of(original, ev_place)
         # the extracted place is one road of several a message names: also accept it inside the other text
-        places[t.id] = (there, same_place(here, there) or _named_in(here, t.original_text) or _named_in(there, text))
+        places[tid] = (
+            there,
+            same_place(here, there) or _named_in(here, original) or (len(there) >= 3 and there in text_norm),
+        )
     if same_place_only:
-        candidates = [t for t in candidates if places[t.id][1]]
+        rows = [r for r in rows if places[r[0]][1]]
     emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
-    stored = ticket_embeddings(session, [t.id for t in candidates], model) if emb is not None and candidates else {}
-    found: list[SimilarTicket] = []
-    for t in candidates:
-        there, place = places[t.id]
-        wording, method = wording_similarity(text, t.original_text, emb, stored.get(t.id), here, there)
-        citizen = citizen_id is not None and t.citizen_id == citizen_id
+    stored = ticket_embeddings(session, [r[0] for r in rows], model) if emb is not None and rows else {}
+    scored: list[tuple[float, int, float, str, bool, bool, list[str]]] = []
+    for tid, original, _, owner in rows:
+        there, place = places[tid]
+        wording, method = wording_similarity(text, original, emb, stored.get(tid), here, there)
+        citizen = citizen_id is not None and owner == citizen_id
         score = W_TEXT * wording + W_PLACE * place + W_CITIZEN * citizen
         if score < min_score:
             continue
@@ -275,9 +286,14 @@ def find_similar(
             )
             if ok
         ]
-        found.append(SimilarTicket(t, round(score, 4), round(wording, 4), method, citizen, place, reasons))
-    found.sort(key=lambda c: (-c.score, -c.ticket.id))
-    return found[:limit]
+        scored.append((round(score, 4), tid, round(wording, 4), method, citizen, place, reasons))
+    scored.sort(key=lambda c: (-c[0], -c[1]))
+    found = []
+    for score, tid, wording, method, citizen, place, reasons in scored[:limit]:
+        ticket = session.get(Ticket, tid)
+        if ticket is not None:
+            found.append(SimilarTicket(ticket, score, wording, method, citizen, place, reasons))
+    return found
 
 
 def repeat_candidates(
