@@ -127,7 +127,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError:
             print("端到端压测（bench e2e）尚未安装在此版本中。", file=sys.stderr)
             return 2
-        result = bench_e2e(**({"citizens": args.n} if args.n else {}), url=args.url or None)
+        result = bench_e2e(
+            **({"citizens": args.n} if args.n else {}),
+            url=args.url or None,
+            bots=args.bots,
+            faults=not args.no_faults,
+        )
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
     return 0
 
@@ -308,4 +313,6 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("what", choices=["triage", "kb", "sweep", "embedding", "e2e"])
     p.add_argument("--n", type=int, default=0, help="size (messages, entries, tickets, citizens)")
     p.add_argument("--url", default="", help="database URL for sweep/e2e (default: a temporary SQLite)")
+    p.add_argument("--bots", type=int, default=1, help="e2e: bot processes behind webhooks (1: one polling bot)")
+    p.add_argument("--no-faults", action="store_true", help="e2e: the clean load only")
     command("bench")(cmd_bench)

@@ -107,10 +107,19 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeBotAPI:
     """Start with ``start()``, feed with ``message()`` / ``press()`` …, read ``sent``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, balance_webhooks: bool = False) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, balance_webhooks: bool = False, webhook_workers: int = 0
+    ) -> None:
         self.state = FakeState(balance_webhooks=balance_webhooks)
         self.server = _QuietServer((host, port), _make_handler(self.state, self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # webhook_workers > 0: post updates from a pool, several at once, and retry while every bot is down, as
+        # Telegram does (its max_connections); 0: post each update before the feeding call returns (tests)
+        self._posting = None
+        if webhook_workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._posting = ThreadPoolExecutor(webhook_workers, thread_name_prefix="webhook")
 
     @property
     def base_url(self) -> str:
@@ -135,12 +144,27 @@ class FakeBotAPI:
             self.state.pushed_at[uid] = time.time()
             self.state.cond.notify_all()
             targets = self._webhook_targets()
+        if targets and self._posting is not None:
+            self._posting.submit(self._deliver, update, targets)
+        else:
+            self._post(update, targets)
+        return uid
+
+    def _post(self, update: dict[str, Any], targets: list[str]) -> bool:
         for url in targets:  # balance mode: the next bot takes it when one is down
             if _post_webhook(url, self.state.webhook_secret, update):
                 with self.state.cond:
                     self.state.webhook_hits[url] = self.state.webhook_hits.get(url, 0) + 1
-                break
-        return uid
+                return True
+        return False
+
+    def _deliver(self, update: dict[str, Any], targets: list[str], retries: int = 240) -> None:
+        """Post until a bot accepts, retrying every 0.5 s for up to two minutes while every bot is down."""
+        while not self._post(update, targets) and retries > 0:
+            retries -= 1
+            time.sleep(0.5)
+            with self.state.cond:
+                targets = self._webhook_targets() or targets
 
     def _webhook_targets(self) -> list[str]:
         st = self.state
@@ -465,8 +489,12 @@ def main() -> None:  # pragma: no cover - a manual tool
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--balance-webhooks", action="store_true",
                         help="keep every webhook URL set and post updates to them in turn")
+    parser.add_argument("--webhook-workers", type=int, default=0,
+                        help="post webhooks from this many threads, retrying while every bot is down")
     args = parser.parse_args()
-    api = FakeBotAPI(port=args.port, balance_webhooks=args.balance_webhooks).start()
+    api = FakeBotAPI(
+        port=args.port, balance_webhooks=args.balance_webhooks, webhook_workers=args.webhook_workers
+    ).start()
     print(f"fake Bot API on {api.base_url}", flush=True)
     try:
         api.thread.join()
