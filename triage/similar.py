@@ -226,6 +226,8 @@ def find_similar(
     min_score: float = MIN_SCORE,
     model: str | None = None,
     same_place_only: bool = False,
+    others_only: bool = False,
+    similar_wording_only: bool = False,
 ) -> list[SimilarTicket]:
     """Earlier tickets about the same event as ``text``, best first (at most ``limit``).
 
@@ -235,7 +237,8 @@ def find_similar(
     ``[now - window_days, now]`` and not rejected/redirected are examined; ``open_only`` keeps open tickets,
     ``citizen_only`` the citizen's own. ``model``: only compare stored vectors of this encoder.
     ``same_place_only``: skip candidates at another place before any wording is compared (the cheap test
-    first: "join the existing ticket" needs the same place anyway).
+    first: "join the existing ticket" needs the same place anyway). ``others_only``: skip the citizen's own
+    tickets; ``similar_wording_only``: keep only candidates whose wording alone is similar.
     """
     since = now - timedelta(days=window_days)
     # plain columns, not Ticket objects: a search reads a few hundred rows and keeps at most ``limit``
@@ -275,7 +278,7 @@ def find_similar(
         wording, method = wording_similarity(text, original, emb, stored.get(tid), here, there)
         citizen = citizen_id is not None and owner == citizen_id
         score = W_TEXT * wording + W_PLACE * place + W_CITIZEN * citizen
-        if score < min_score:
+        if score < min_score or (others_only and citizen) or (similar_wording_only and wording < SIMILAR_WORDING):
             continue
         reasons = [
             r
@@ -288,12 +291,15 @@ def find_similar(
         ]
         scored.append((round(score, 4), tid, round(wording, 4), method, citizen, place, reasons))
     scored.sort(key=lambda c: (-c[0], -c[1]))
-    found = []
-    for score, tid, wording, method, citizen, place, reasons in scored[:limit]:
-        ticket = session.get(Ticket, tid)
-        if ticket is not None:
-            found.append(SimilarTicket(ticket, score, wording, method, citizen, place, reasons))
-    return found
+    scored = scored[:limit]
+    if not scored:
+        return []
+    tickets = {t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_([c[1] for c in scored])))}
+    return [
+        SimilarTicket(tickets[tid], score, wording, method, citizen, place, reasons)
+        for score, tid, wording, method, citizen, place, reasons in scored
+        if tid in tickets
+    ]
 
 
 def repeat_candidates(
@@ -346,14 +352,14 @@ def join_candidates(
         location,
         now,
         window_days,
-        limit=20,
+        limit=limit,
         open_only=True,
         model=model,
         same_place_only=True,
+        others_only=True,
+        similar_wording_only=True,
     )
-    return [c for c in found if not c.same_citizen and c.same_place and "similar_wording" in c.reasons][
-        :limit
-    ]
+    return [c for c in found if not c.same_citizen and c.same_place and "similar_wording" in c.reasons]
 
 
 def add_follower(
