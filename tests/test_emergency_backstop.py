@@ -126,3 +126,19 @@ def test_evaluate_emergencies_reports_rules_backstop_and_both(tmp_path):
     assert report["combined"]["false_alarm_rate"] == 0.0
     assert report["combined"]["per_line_recall"]["96333"] == {"recall": 1.0, "n": 1}
     assert report["errors"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("一辆渣土车把骑三轮的大爷卷到车底下了", "122"),  # 卷到车底: a crash without 撞
+        ("两辆货车把中间的面包车挤扁了，里面还有人", "122"),
+        ("电动车和小轿车剐了一下，骑车的人躺地上起不来", "122"),
+        ("桥面裂了一道缝，车还在上面过", "110"),  # a vehicle but no crash: the next line, not 122
+    ],
+)
+def test_the_backstop_names_122_only_for_a_vehicle_in_a_crash(text, expected):
+    from triage.emergency_backstop import _plausible_line
+
+    scores = np.array([0.80, 0.70, 0.75, 0.90, 0.60])  # 122 scores best, 110 next
+    assert LINES[_plausible_line(text, scores)] == expected

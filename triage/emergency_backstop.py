@@ -196,17 +196,13 @@ def reset_index() -> None:
 
 # A question about a service or a complaint (no "now / come quickly" word): the citizen is asking, not calling
 # for help. Deliberately narrow: "咋办", "怎么办", "是不是漏了" occur in real emergencies and are not listed.
+# guard() also applies screening's ``consultation_frames`` (procedures, progress, police already involved, product
+# complaints), both unless a ``help_words`` word ("快来", "还在", ...) shows.
 _CONSULT = re.compile(
     r"(?:安全|合理|正常|合法|合规|管用|有用|能报销|能赔|有责任)吗|有没有责任|谁来(?:管|查|清|修|赔|负责)|找谁|谁负责|谁管|"
     r"怎么(?:算|赔|处理|办理|申请|报销|收费)|想问|想咨询|咨询一下|请问|建议|投诉|表扬|感谢|谢谢|多少钱|涨价|收费|"
     r"派人(?:检查|来查|检测|看看)|请.{0,4}(?:检查|检测)"
 )
-# screening's urgency words minus the bare time words (现在/刚才...): a call for help, not just a time
-_HELP = re.compile(
-    r"快来|快点|赶紧|马上|救命|速来|请速|立即|立刻|紧急|快派|快救|快打|快叫|救救|还在|正在|又在"
-)
-
-
 _RESCUED = re.compile(r"(?:救|放|拉|抬|弄|接|捞|抱)出来了")
 
 
@@ -253,7 +249,7 @@ def guard(text: str, line: str | None = None) -> str | None:
         return "future"
     if not urgent and r.admin_context.search(t):
         return "admin"
-    if not _HELP.search(t) and _CONSULT.search(t):
+    if not r.help_words.search(t) and (_CONSULT.search(t) or r.consultation.search(t)):
         return "consult"
     if line == "122":
         for rule in r.emergency:
@@ -264,7 +260,12 @@ def guard(text: str, line: str | None = None) -> str | None:
 
 # ------------------------------------------------------------------------------------- backstop
 
+# 122 needs a vehicle AND a crash word: "桥裂了一道缝，车还在过" names a vehicle but no accident
 _VEHICLE = re.compile(r"车|撞|碾|轧")
+_CRASH = re.compile(
+    r"撞|碾|轧|翻|追尾|车祸|事故|压|刮倒|带倒|剐|蹭|挤(?:到|在|进|扁|变形)|卷(?:进|入|到)|拖行|"
+    r"顶(?:飞|倒)|怼|冲(?:进|到|下|出)|掉(?:下|进)|摔"
+)
 
 
 def _plausible_line(text: str, line_scores: np.ndarray) -> int:
@@ -276,7 +277,7 @@ def _plausible_line(text: str, line_scores: np.ndarray) -> int:
         line = LINES[int(j)]
         if line == "96333" and not hints["96333"].search(t):
             continue
-        if line == "122" and not _VEHICLE.search(t):
+        if line == "122" and not (_VEHICLE.search(t) and _CRASH.search(t)):
             continue
         return int(j)
     return int(line_scores.argmax())

@@ -166,6 +166,8 @@ class _Rules:
     negation_before: re.Pattern[str]
     aftermath_after: re.Pattern[str]
     admin_context: re.Pattern[str]
+    consultation: re.Pattern[str]
+    help_words: re.Pattern[str]
     education_context: re.Pattern[str]
     weak_hints: tuple[tuple[str, re.Pattern[str]], ...]
     exclusion_order: tuple[str, ...]
@@ -258,6 +260,8 @@ def load_rules(path: str | Path = RULES_PATH) -> _Rules:
         negation_before=rx(em["negation_before"]),
         aftermath_after=rx(em["aftermath_after"]),
         admin_context=rx(em["admin_context"]),
+        consultation=rx(em["consultation_frames"]),
+        help_words=rx(em["help_words"]),
         education_context=rx(em["education_context"]),
         weak_hints=tuple((str(k), rx(v)) for k, v in em["weak_line_hints"].items()),
         exclusion_order=tuple(ex["order"]),
@@ -408,13 +412,19 @@ def detect_emergency(text: str) -> Emergency | None:
     t = normalise(text)
     if not t:
         return None
+    if r.consultation.search(t) and not r.help_words.search(t):
+        return None  # asking about a procedure or complaining about its handling, nobody calling for help
     ctx = _Context(t, r)
     hits: list[tuple[int, int, _EmergencyRule, str]] = []
     for rule in r.emergency:
-        for m in rule.pattern.finditer(t):
+        pos = 0
+        # a rejected match is retried one character later, not after its end: "车撞了学生以后掉头跑了" is
+        # rejected as "车撞了…以后" (an aftermath) but found as "撞了学生以后掉头跑" (a hit-and-run)
+        while (m := rule.pattern.search(t, pos)) is not None:
             if m.group(0) and _emergency_hit(ctx, rule, m):
                 hits.append((1 if rule.weak else 0, r.priority.index(rule.line), rule, m.group(0)))
                 break
+            pos = m.start() + 1
     if not hits:
         return None
     weak, _, rule, matched = min(hits, key=lambda h: (h[0], h[1]))
