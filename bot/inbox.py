@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, null, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bot.messages import Reply
@@ -47,6 +47,8 @@ def is_disconnect(err: BaseException) -> bool:
     """A database error that a fresh connection may not have (dropped connection, restart, lock)."""
     if isinstance(err, DBAPIError) and err.connection_invalidated:
         return True
+    if isinstance(err, PendingRollbackError) and "invalid transaction" in str(err):
+        return True  # the connection dropped earlier in this transaction and the error was handled there
     return isinstance(err, (OperationalError, InterfaceError))
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.inbox import with_db_retry
+from bot.inbox import is_disconnect, with_db_retry
 from bot.messages import Reply
 from models.clock import now
 from models.privacy import mask_text
@@ -279,7 +279,9 @@ def record_results(factory: sessionmaker[Session], results: dict[int, SendResult
                     try:
                         with s.begin_nested():
                             r.after(s)
-                    except Exception:
+                    except Exception as err:
+                        if is_disconnect(err):  # the whole transaction is gone: write it again
+                            raise
                         log.exception("could not record what followed the send of outbox message %s", i)
 
     with_db_retry(write)

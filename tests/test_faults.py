@@ -410,6 +410,57 @@ def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services
     assert [n for (chat, body), n in got.items() if chat == str(UNIT_CHAT)] == [1]
 
 
+@pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
+def test_a_connection_dropped_while_recording_a_sent_card_does_not_send_the_card_again(services, db, engine):
+    """The unit's card reached Telegram; recording it (and where the card lives, for later edits) hits a dropped
+    connection. The record is written again on a fresh connection: the row ends "sent", not "sending" (which
+    would be sent a second time when its claim runs out)."""
+    from models.tables import TicketCard
+
+    admin = create_engine(PG_URL)
+    fired: list[str] = []
+
+    def kill_mid_record(conn, _cursor, statement, *_args) -> None:
+        if statement.startswith("INSERT INTO ticket_cards") and not fired:
+            fired.append(statement)
+            with admin.connect() as c:
+                c.execute(
+                    text("SELECT pg_terminate_backend(:pid)"),
+                    {"pid": conn.connection.dbapi_connection.info.backend_pid},
+                )
+
+    event.listen(engine, "before_cursor_execute", kill_mid_record)
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(services, api):
+            api.message(CITIZEN, "幸福路烧烤摊油烟太大，今天晚上")
+            summary = await asyncio.to_thread(api.wait_text, CITIZEN, "请确认")
+            api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
+            await asyncio.to_thread(api.wait_text, UNIT_CHAT, "工单")
+
+            def recorded() -> bool:
+                with db() as s:
+                    rows = s.scalars(select(OutboxMessage).where(OutboxMessage.chat_id == str(UNIT_CHAT))).all()
+                    return bool(rows) and all(r.status == "sent" for r in rows)
+
+            deadline = time.monotonic() + 10
+            while not recorded():
+                assert time.monotonic() < deadline, "the sent card was never recorded as sent"
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+        event.remove(engine, "before_cursor_execute", kill_mid_record)
+        admin.dispose()
+    assert fired, "the connection was dropped while the card was recorded"
+    with db() as s:
+        assert len(s.scalars(select(TicketCard).where(TicketCard.chat_id == UNIT_CHAT)).all()) == 1
+    assert [n for (chat, body), n in delivered(api).items() if chat == str(UNIT_CHAT)] == [1]
+
+
 class SlowModel:
     """A triage model that answers batches; the first batch is held until told to go."""
 
