@@ -142,3 +142,18 @@ def test_the_backstop_names_122_only_for_a_vehicle_in_a_crash(text, expected):
 
     scores = np.array([0.80, 0.70, 0.75, 0.90, 0.60])  # 122 scores best, 110 next
     assert LINES[_plausible_line(text, scores)] == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("电梯停在两层中间了，门打不开，里面有个老人", "96333"),
+        ("商场扶梯把小孩的手夹进去了", "96333"),
+        ("电梯里有人贴小广告，撕都撕不掉", "119"),  # a lift, nobody held in it: the next line, not 96333
+    ],
+)
+def test_the_backstop_names_96333_only_for_someone_held_in_a_lift(text, expected):
+    from triage.emergency_backstop import _plausible_line
+
+    scores = np.array([0.70, 0.80, 0.75, 0.60, 0.90])  # 96333 scores best, 119 next
+    assert LINES[_plausible_line(text, scores)] == expected
