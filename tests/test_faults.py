@@ -360,6 +360,12 @@ def test_a_refused_staff_step_still_marks_its_update_done(services, db, clock):
         assert any("无需重复签收" in m.text for m in kept), "the refusal is kept for its direct send"
 
 
+async def _write_a_report(api: FakeBotAPI):
+    """The citizen writes a complete report; returns the summary with its confirm button."""
+    api.message(CITIZEN, "幸福路烧烤摊油烟太大，今天晚上")
+    return await asyncio.to_thread(api.wait_text, CITIZEN, "请确认")
+
+
 @pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
 def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services, db, engine):
     admin = create_engine(PG_URL)
@@ -387,8 +393,7 @@ def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services
 
     async def scenario():
         async with Bot(services, api):
-            api.message(CITIZEN, "幸福路烧烤摊油烟太大，今天晚上")
-            summary = await asyncio.to_thread(api.wait_text, CITIZEN, "请确认")
+            summary = await _write_a_report(api)
             terminate(set(pids))  # every idle connection in the pool dies (a database restart)
             api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
             await asyncio.to_thread(api.wait_text, CITIZEN, "已受理")
@@ -434,8 +439,7 @@ def test_a_connection_dropped_while_recording_a_sent_card_does_not_send_the_card
 
     async def scenario():
         async with Bot(services, api):
-            api.message(CITIZEN, "幸福路烧烤摊油烟太大，今天晚上")
-            summary = await asyncio.to_thread(api.wait_text, CITIZEN, "请确认")
+            summary = await _write_a_report(api)
             api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
             await asyncio.to_thread(api.wait_text, UNIT_CHAT, "工单")
 
