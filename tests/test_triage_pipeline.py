@@ -92,6 +92,19 @@ def test_save_load_round_trip_gives_identical_results(tmp_path, triager):
     assert [r.to_dict() for r in triager.triage_many(texts)] == [triager.triage(t).to_dict() for t in texts]
 
 
+def test_a_model_trained_on_other_embeddings_is_flagged_when_loaded(tmp_path, triager, caplog):
+    from triage.embedding import EncoderOptions
+    from triage.training import load_model, save_model
+
+    assert triager.model.info["embedding_max_seq_length"] == EncoderOptions().max_seq_length  # shipped: in step
+    model = load_model()
+    model.info["embedding_max_seq_length"] = 128
+    save_model(model, tmp_path)
+    with caplog.at_level("WARNING", logger="triage.training"):
+        load_model(tmp_path)
+    assert "run hotline train" in caplog.text
+
+
 def test_type_pipeline_works_on_raw_text(triager):
     pipe = triager.model.type_pipeline()
     proba = pipe.predict_proba(["请问居住证怎么办理", "举报有人在河里电鱼"])

@@ -325,6 +325,10 @@ def train(out_dir: Path | str | None = None, data_dir: Path | str | None = DEFAU
     if not examples:
         raise ValueError("no training data: the corpus folder is empty")
     model = fit_models(examples, seed=seed)
+    from triage.embedding import EncoderOptions
+
+    # the embedding block was learnt from vectors of this many tokens; load_model warns when that changes
+    model.info["embedding_max_seq_length"] = EncoderOptions().max_seq_length
     return save_model(model, out_dir)
 
 
@@ -348,4 +352,14 @@ def save_model(model: TriageModel, out_dir: Path | str | None = None) -> dict:
 def load_model(artifacts_dir: Path | str | None = None) -> TriageModel:
     import joblib
 
-    return joblib.load(Path(artifacts_dir or ARTIFACTS_DIR) / MODEL_FILE)
+    model = joblib.load(Path(artifacts_dir or ARTIFACTS_DIR) / MODEL_FILE)
+    from triage.embedding import EncoderOptions
+
+    trained = model.info.get("embedding_max_seq_length")
+    if trained is not None and trained != EncoderOptions().max_seq_length:
+        log.warning(
+            "the triage model was trained on %s-token embeddings, the encoder makes %s-token ones: run hotline train",
+            trained,
+            EncoderOptions().max_seq_length,
+        )
+    return model
