@@ -117,6 +117,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kb.bench import bench_kb
 
         result = bench_kb(**({"n_entries": args.n} if args.n else {}))
+    elif args.what == "steps":
+        from bot.bench_steps import bench_steps
+
+        result = bench_steps(**({"citizens": args.n} if args.n else {}), url=args.url or None)
     elif args.what == "embedding":
         from triage.embedding_bench import bench_embedding
 
@@ -310,7 +314,7 @@ def add_more_commands(sub, command) -> None:
     command("report")(cmd_report)
 
     p = sub.add_parser("bench", help="speed and memory benchmarks")
-    p.add_argument("what", choices=["triage", "kb", "sweep", "embedding", "e2e"])
+    p.add_argument("what", choices=["triage", "kb", "sweep", "embedding", "steps", "e2e"])
     p.add_argument("--n", type=int, default=0, help="size (messages, entries, tickets, citizens)")
     p.add_argument("--url", default="", help="database URL for sweep/e2e (default: a temporary SQLite)")
     p.add_argument("--bots", type=int, default=1, help="e2e: bot processes behind webhooks (1: one polling bot)")
