@@ -24,7 +24,7 @@ from bot.inbox import Step
 from bot.messages import Button, Incoming, Reply
 from bot.outbox import notify_unit
 from bot.services import Services
-from bot.staff import notify_rating
+from bot.staff import notify_rating, unit_view
 from bot.state import ChatState, load_state, save_state
 from models.catalog import CENTER
 from models.clock import now
@@ -857,7 +857,7 @@ def _finish_unsatisfied(ctx: Ctx, text: str) -> list[Reply]:
             notify_unit(
                 ctx.session,
                 t.lead_unit,
-                unit_card(ctx.session, t, t.lead_unit, headline="诉求人不满意，请重新办理"),
+                unit_view(ctx.session, t, t.lead_unit, headline="诉求人不满意，请重新办理"),
                 ticket_id=t.id,
                 kind="card",
                 dedupe_key=f"redo:{t.id}:{t.redo_count}",

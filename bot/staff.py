@@ -469,6 +469,13 @@ def record_card_message(session: Session, outbox_msg: OutboxMessage, message_id:
     else:
         row.message_id = message_id
     session.flush()
+    # a step that moved the ticket while this card was on its way (a press right after it arrived) could not
+    # edit it: it had no message id yet. If its buttons are stale now, edit it the way refresh_cards would.
+    ticket = session.get(Ticket, outbox_msg.ticket_id)
+    view = _view_for_chat(session, ticket, chat_id) if ticket is not None else None
+    if view is not None and (view.to_markup() or {"buttons": []}) != (outbox_msg.markup or {"buttons": []}):
+        view.edit_message_id = message_id
+        enqueue(session, channel="telegram", chat_id=chat_id, reply=view, ticket_id=ticket.id, kind="card_edit")
 
 
 # --------------------------------------------------------------------------- notifications

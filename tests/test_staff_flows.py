@@ -320,6 +320,29 @@ def test_dispatched_card_sign_updates_card_in_place_and_tells_citizen(world):
         assert s.get(Ticket, t.id).signed_by == f"staff:{CG_HANDLER}@chengguan"
 
 
+def test_a_card_signed_while_still_on_its_way_is_edited_once_telegram_answers(world):
+    """The handler presses 签收 the moment the card appears, before the sender has recorded its message id:
+    the sign step cannot edit it yet, so recording the id finds the buttons stale and queues the edit."""
+    w = world
+    t = w.file(STREETLIGHT)
+    with w.db.begin() as s:  # the card is being sent: Telegram has not answered yet
+        row = s.scalars(
+            select(OutboxMessage).where(
+                OutboxMessage.chat_id == CG_CHAT, OutboxMessage.ticket_id == t.id, OutboxMessage.status == "pending"
+            )
+        ).one()
+        row.status, card_id = "sending", row.id
+    assert "签收人：张三" in only(w.press(CG_CHAT, CG_HANDLER, f"u:sign:{t.id}", 4999))
+    assert not [m for m in w.drain() if m.chat == CG_CHAT and m.edit]  # nothing to edit yet
+    with w.db.begin() as s:  # Telegram answers: the card is message 4999
+        row = s.get(OutboxMessage, card_id)
+        row.status, row.sent_message_id = "sent", 4999
+        record_card_message(s, row, 4999)
+    edit = next(m for m in w.drain() if m.chat == CG_CHAT and m.edit == 4999)
+    assert "状态：办理中" in edit.text
+    assert f"u:reply:{t.id}" in edit.data and f"u:sign:{t.id}" not in edit.data
+
+
 def test_return_approved_with_reassignment_moves_card_to_new_unit(world):
     w = world
     t = w.file(STREETLIGHT)
