@@ -259,14 +259,13 @@ def find_similar(
     if not rows:
         return []
     here = place_of(text, location)
-    text_norm = _norm_place(text)
     places = {}
     for tid, original, ev_place, _ in rows:
         there = place_of(original, ev_place)
         # the extracted place is one road of several a message names: also accept it inside the other text
         places[tid] = (
             there,
-            same_place(here, there) or _named_in(here, original) or (len(there) >= 3 and there in text_norm),
+            same_place(here, there) or _named_in(here, original) or _named_in(there, text),
         )
     if same_place_only:
         rows = [r for r in rows if places[r[0]][1]]
@@ -344,7 +343,7 @@ def join_candidates(
 ) -> list[SimilarTicket]:
     """Open tickets from OTHER citizens about the same public event at the same place (similar wording AND same
     place): the bot may offer "join this ticket" instead of opening a duplicate."""
-    found = find_similar(
+    return find_similar(
         session,
         text,
         embedding,
@@ -359,7 +358,6 @@ def join_candidates(
         others_only=True,
         similar_wording_only=True,
     )
-    return [c for c in found if not c.same_citizen and c.same_place and "similar_wording" in c.reasons]
 
 
 def add_follower(
