@@ -260,33 +260,16 @@ def guard(text: str, line: str | None = None) -> str | None:
 
 # ------------------------------------------------------------------------------------- backstop
 
-# 122 needs a vehicle AND a crash word: "桥裂了一道缝，车还在过" names a vehicle but no accident
-_VEHICLE = re.compile(r"车|撞|碾|轧")
-_CRASH = re.compile(
-    r"撞|碾|轧|翻|追尾|车祸|事故|压|刮(?:倒|了|到|上)|碰(?:了|到|上)|带倒|剐|蹭|挤(?:到|在|进|扁|变形)|卷(?:进|入|到)|拖行|"
-    r"顶(?:飞|倒)|怼|冲(?:进|到|下|出)|掉(?:下|进)|摔"
-)
-
-
-# 96333 needs someone held in a lift, not just a lift: "电梯门关得太急" / "电梯里有人抽烟" are complaints
-_ENTRAPPED = re.compile(
-    r"困|关(?:在|住|着)|出不来|打不开|开不了|不开|不动|卡(?:住|在|了|着)|停(?:住|在|了)|夹(?:住|着|到|进)|卷(?:进|入|住)|(?<!不)掉(?:下|了|到)|往下掉|坠|"
-    r"下滑|冲顶|蹲底|闷|喘不|晕|救|黑|没人应|没人理|没反应|按钮|警铃"
-)
-
 
 def _plausible_line(text: str, line_scores: np.ndarray) -> int:
-    """Index (into ``LINES``) of the best-scoring line whose subject the text names at all: 96333 needs a lift
-    word and someone held in it, 122 a vehicle in a crash; otherwise the next best line."""
+    """Index (into ``LINES``) of the best-scoring line whose subject the text names (the rule file's
+    ``backstop_line_needs``: 96333 a lift and someone held in it, 122 a vehicle in a crash); otherwise the next
+    best line."""
     t = normalise(text)
-    hints = dict(load_rules().weak_hints)
+    needs = load_rules().backstop_needs
     for j in np.argsort(-line_scores):
-        line = LINES[int(j)]
-        if line == "96333" and not (hints["96333"].search(t) and _ENTRAPPED.search(t)):
-            continue
-        if line == "122" and not (_VEHICLE.search(t) and _CRASH.search(t)):
-            continue
-        return int(j)
+        if all(p.search(t) for p in needs.get(LINES[int(j)], ())):
+            return int(j)
     return int(line_scores.argmax())
 
 

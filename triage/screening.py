@@ -170,6 +170,7 @@ class _Rules:
     help_words: re.Pattern[str]
     education_context: re.Pattern[str]
     weak_hints: tuple[tuple[str, re.Pattern[str]], ...]
+    backstop_needs: dict[str, tuple[re.Pattern[str], ...]]
     exclusion_order: tuple[str, ...]
     keys: dict[str, _KeyRule]
     how_to: re.Pattern[str]
@@ -264,6 +265,7 @@ def load_rules(path: str | Path = RULES_PATH) -> _Rules:
         help_words=rx(em["help_words"]),
         education_context=rx(em["education_context"]),
         weak_hints=tuple((str(k), rx(v)) for k, v in em["weak_line_hints"].items()),
+        backstop_needs={str(k): tuple(rx(p) for p in v) for k, v in em["backstop_line_needs"].items()},
         exclusion_order=tuple(ex["order"]),
         keys=keys,
         how_to=rx(ex["how_to"]),
