@@ -273,10 +273,9 @@ class BotProcess:
     def start(self, server: FakeServer, timeout: float = 180) -> float:
         """Start with the model loaded and wait until it polls; returns the seconds it took."""
         t0 = time.monotonic()
-        before = (server.stats() or {}).get("calls", {}).get("getUpdates", 0)
+        calls_before = (server.stats() or {}).get("calls", {})
+        before, webhooks_before = calls_before.get("getUpdates", 0), calls_before.get("setWebhook", 0)
         self.spawn(preload=True)
-
-        webhooks_before = (server.stats() or {}).get("calls", {}).get("setWebhook", 0)
 
         def polling() -> bool:
             if self.proc.poll() is not None:

@@ -355,11 +355,11 @@ def load_model(artifacts_dir: Path | str | None = None) -> TriageModel:
     model = joblib.load(Path(artifacts_dir or ARTIFACTS_DIR) / MODEL_FILE)
     from triage.embedding import EncoderOptions
 
-    trained = model.info.get("embedding_max_seq_length")
-    if trained is not None and trained != EncoderOptions().max_seq_length:
+    trained, current = model.info.get("embedding_max_seq_length"), EncoderOptions().max_seq_length
+    if trained is not None and trained != current:
         log.warning(
             "the triage model was trained on %s-token embeddings, the encoder makes %s-token ones: run hotline train",
             trained,
-            EncoderOptions().max_seq_length,
+            current,
         )
     return model
