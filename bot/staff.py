@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -449,6 +450,16 @@ def refresh_cards(session: Session, ticket: Ticket) -> int:
     return n
 
 
+def _changed_since(session: Session, ticket_id: int, since: datetime) -> bool:
+    """The ticket has an event at or after ``since`` (at: a frozen test clock gives both the same time)."""
+    return (
+        session.scalar(
+            select(TicketEvent.id).where(TicketEvent.ticket_id == ticket_id, TicketEvent.at >= since).limit(1)
+        )
+        is not None
+    )
+
+
 def record_card_message(session: Session, outbox_msg: OutboxMessage, message_id: int | None) -> None:
     """Hook for the sender: a card was delivered as ``message_id``; remember it so it can be edited later.
 
@@ -471,11 +482,20 @@ def record_card_message(session: Session, outbox_msg: OutboxMessage, message_id:
     session.flush()
     # a step that moved the ticket while this card was on its way (a press right after it arrived) could not
     # edit it: it had no message id yet. If its buttons are stale now, edit it the way refresh_cards would.
+    # Every change to a ticket leaves an event (models/workflow.py): without one since the card was queued,
+    # its buttons are current and the card need not be drawn again (issue 8: drawing it cost more than the
+    # rest of recording the send).
+    if outbox_msg.created_at is not None and not _changed_since(
+        session, outbox_msg.ticket_id, outbox_msg.created_at
+    ):
+        return
     ticket = session.get(Ticket, outbox_msg.ticket_id)
     view = _view_for_chat(session, ticket, chat_id) if ticket is not None else None
     if view is not None and (view.to_markup() or {"buttons": []}) != (outbox_msg.markup or {"buttons": []}):
         view.edit_message_id = message_id
-        enqueue(session, channel="telegram", chat_id=chat_id, reply=view, ticket_id=ticket.id, kind="card_edit")
+        enqueue(
+            session, channel="telegram", chat_id=chat_id, reply=view, ticket_id=ticket.id, kind="card_edit"
+        )
 
 
 # --------------------------------------------------------------------------- notifications
