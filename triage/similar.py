@@ -260,13 +260,14 @@ def find_similar(
         return []
     here = place_of(text, location)
     places = {}
+    by_place: dict[str, bool] = {}  # the few hundred rows name a few dozen places: compare each place once
     for tid, original, ev_place, _ in rows:
         there = place_of(original, ev_place)
+        near = by_place.get(there)
+        if near is None:
+            near = by_place[there] = same_place(here, there) or _named_in(there, text)
         # the extracted place is one road of several a message names: also accept it inside the other text
-        places[tid] = (
-            there,
-            same_place(here, there) or _named_in(here, original) or _named_in(there, text),
-        )
+        places[tid] = (there, near or _named_in(here, original))
     if same_place_only:
         rows = [r for r in rows if places[r[0]][1]]
     emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
