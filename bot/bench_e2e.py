@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TOKEN = "100001:BENCH-TOKEN"
 BOT_APP_NAME = "hotline-bench-bot"
+TRIAGE_KEY = "hotline-bench-triage"
 ROOT = Path(__file__).resolve().parent.parent
 KILL_WINDOW_S = 1.0  # a double send whose first copy left this long before the SIGKILL counts as "at kill"
 REPLY_TIMEOUT = 20.0  # a citizen who hears nothing for this long stops waiting (checked again at the end)
@@ -262,12 +263,15 @@ class BotProcess:
         self.proc: subprocess.Popen | None = None
         self.starts: list[float] = []
         self.cpu_before = 0.0  # CPU seconds of processes already gone
+        self.env: dict[str, str] = {}  # added to the environment (the shared triage server's address)
 
     def spawn(self, preload: bool = False) -> None:
         cmd = [*self.cmd, "--preload"] if preload else list(self.cmd)
         cmd += ["--sql-stats", str(self.log_path.parent / f"sql_stats_{self.log_path.stem}_{len(self.starts)}.json")]
         with open(self.log_path, "ab") as fh:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
         self.starts.append(time.time())
 
     def start(self, server: FakeServer, timeout: float = 180) -> float:
@@ -310,7 +314,9 @@ class BotFleet:
     """One polling bot, or ``n`` >= 2 bots behind webhooks sharing the database (the multi-process deployment
     of the README); faults kill and restart the first."""
 
-    def __init__(self, n: int, db_url: str, api_url: str, brain: str, workdir: Path) -> None:
+    def __init__(
+        self, n: int, db_url: str, api_url: str, brain: str, workdir: Path, *, triage_server: bool = False
+    ) -> None:
         if n <= 1:
             self.bots = [BotProcess(db_url, api_url, brain, workdir / "bot.log")]
         else:
@@ -318,9 +324,23 @@ class BotFleet:
                 BotProcess(db_url, api_url, brain, workdir / f"bot{i}.log", webhook_port=_free_port())
                 for i in range(n)
             ]
+        self.triage: subprocess.Popen | None = None
+        self.triage_cmd: list[str] | None = None
+        self.workdir = workdir
+        if triage_server and brain == "real":  # one model for all bots (bot/triage_server.py)
+            address = str(workdir / "triage.sock")
+            self.triage_cmd = [sys.executable, "-m", "bot.triage_server", "--listen", address, "--db", db_url]
+            for bot in self.bots:
+                bot.env = {"HOTLINE_TRIAGE_SERVER": address, "HOTLINE_TRIAGE_KEY": TRIAGE_KEY}
 
     def start(self, server: FakeServer, timeout: float = 180) -> float:
         t0 = time.monotonic()
+        if self.triage_cmd is not None:
+            with open(self.workdir / "triage.log", "ab") as fh:
+                self.triage = subprocess.Popen(
+                    self.triage_cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                    env={**os.environ, "HOTLINE_TRIAGE_KEY": TRIAGE_KEY},
+                )
         for bot in self.bots:  # one after another: each loads the model (two at once thrash two cores)
             bot.start(server, timeout)
         return time.monotonic() - t0
@@ -332,20 +352,38 @@ class BotFleet:
         self.bots[0].kill()
 
     def cpu(self) -> float:
-        return sum(b.cpu() for b in self.bots)
+        return sum(b.cpu() for b in self.bots) + cpu_seconds(self.triage.pid if self.triage else None)
 
     def stop(self) -> None:
         for bot in self.bots:
             bot.stop()
+        if self.triage is not None and self.triage.poll() is None:
+            self.triage.terminate()
+            try:
+                self.triage.wait(10)
+            except subprocess.TimeoutExpired:
+                self.triage.kill()
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system) a live process has used so far (Linux /proc; 0 when unknown)."""
+    """CPU time (user + system) a live process and its live children (the bot's triage process) have used
+    so far (Linux /proc; 0 when unknown)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, TypeError):
         return 0.0
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int | None) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def _wait_until(predicate, timeout: float, message: str) -> None:
@@ -483,6 +521,7 @@ def bench_e2e(
     brain: str = "auto",
     seed: int = 12345,
     bots: int = 1,
+    triage_server: bool | None = None,
 ) -> dict:
     """Run the benchmark; returns the measurements and the checks (see the module docstring).
     ``duration_cap_s`` bounds the load and the drain once the bot is up (setup, mostly loading the triage
@@ -503,7 +542,9 @@ def bench_e2e(
     db = prepare_database(url, workdir)
     bot_url = _with_query(db.url, application_name=BOT_APP_NAME) if db.kind == "postgresql" else db.url
     server = FakeServer(_free_port(), workdir / "fake_api.log", balance_webhooks=bots > 1)
-    bot = BotFleet(bots, bot_url, server.base_url, brain, workdir)
+    if triage_server is None:
+        triage_server = bots > 1
+    bot = BotFleet(bots, bot_url, server.base_url, brain, workdir, triage_server=triage_server)
     try:
         first_start = bot.start(server)
         setup_s = time.monotonic() - t_setup
@@ -530,6 +571,7 @@ def bench_e2e(
             "arrival_rate_per_s": arrival_rate,
             "faults": faults,
             "bots": bots,
+            "triage": "shared server" if bot.triage_cmd else ("own process" if brain == "real" else "stand-in"),
         }
         return result
     finally:
@@ -1116,12 +1158,12 @@ def serve_bot(
     factory = make_session_factory(engine)
     if brain == "real":
         services = build_services(factory)
-        if preload:  # the first start: measure with the model loaded (a restart loads it while answering)
-            services.triage.load()
     else:
         policy = get_settings().policy
         services = Services(sessions=factory, triage=stand_in_triage(policy), policy_name=policy)
-    app, _ = build_application(services, TOKEN, base_url=api_url, outbox_interval=0.5)
+    app, hb = build_application(services, TOKEN, base_url=api_url, outbox_interval=0.5)
+    if preload and brain == "real":  # the first start: measured with the model loaded (a restart loads it
+        hb.services.triage.load()  # while answering); in the triage process unless HOTLINE_TRIAGE_PROCESS=0
     if webhook:
         from urllib.parse import urlparse
 
@@ -1158,6 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrival-rate", type=float, default=12.5)
     p.add_argument("--cap", type=float, default=120)
     p.add_argument("--bots", type=int, default=1, help="bots behind webhooks (1: one bot, long polling)")
+    p.add_argument("--triage-server", action=argparse.BooleanOptionalAction, default=None,
+                   help="one shared triage server for the bots (default: with 2 or more bots)")
     args = parser.parse_args(argv)
     if args.cmd == "serve-bot":
         serve_bot(
@@ -1180,6 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
         arrival_rate=args.arrival_rate,
         duration_cap_s=args.cap,
         bots=args.bots,
+        triage_server=args.triage_server,
     )
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
     return 0

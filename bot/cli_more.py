@@ -136,9 +136,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             url=args.url or None,
             bots=args.bots,
             faults=not args.no_faults,
+            triage_server=args.triage_server,
+            **({"arrival_rate": args.rate} if args.rate else {}),
         )
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
     return 0
+
+
+def cmd_triage_serve(args: argparse.Namespace) -> int:
+    from bot.triage_server import run
+
+    return run(args.listen)
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
@@ -305,6 +313,10 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("--days", type=int, default=180, help="stale: not reviewed for this many days")
     command("kb")(cmd_kb)
 
+    p = sub.add_parser("triage-serve", help="one triage model for several bot processes (HOTLINE_TRIAGE_SERVER)")
+    p.add_argument("--listen", default="", help="socket path or host:port (default HOTLINE_TRIAGE_SERVER)")
+    command("triage-serve")(cmd_triage_serve)
+
     sub.add_parser("scheduler", help="run the scheduler alone (deadline sweep, digests, reports)")
     command("scheduler")(cmd_scheduler)
 
@@ -319,4 +331,7 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("--url", default="", help="database URL for sweep/e2e (default: a temporary SQLite)")
     p.add_argument("--bots", type=int, default=1, help="e2e: bot processes behind webhooks (1: one polling bot)")
     p.add_argument("--no-faults", action="store_true", help="e2e: the clean load only")
+    p.add_argument("--rate", type=float, default=0, help="e2e: citizens starting per second (default 12.5)")
+    p.add_argument("--triage-server", action=argparse.BooleanOptionalAction, default=None,
+                   help="e2e: one shared triage server for the bots (default: with 2 or more bots)")
     command("bench")(cmd_bench)

@@ -88,10 +88,13 @@ class ProductBrain:
 
     def embed(self, text: str):
         """The message's e5 vector as triage computed it (the encoder's cache answers), for similar tickets."""
+        return self.embed_many([text])[0]
+
+    def embed_many(self, texts: list[str]) -> list[Any]:
         from triage.embedding import get_encoder
         from triage.pipeline import MAX_CHARS
 
-        return get_encoder().encode([text[:MAX_CHARS]], prefix="query: ")[0]
+        return list(get_encoder().encode([t[:MAX_CHARS] for t in texts], prefix="query: "))
 
     def triage_many(self, texts: list[str]) -> list[dict[str, Any]]:
         """One model call for all of ``texts`` (their knowledge base lookups reuse the embeddings it made)."""

@@ -60,8 +60,10 @@ from bot.inbox import (
 from bot.messages import Incoming, Reply
 from bot.outbox import ResultRecorder, SendResult, deliver_due, enqueue
 from bot.services import Services
+from bot.triage_process import TriageUnavailable
 from models.clock import now
 from models.privacy import mask_text
+from models.settings import get_settings
 from models.tables import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -288,6 +290,11 @@ class FloodGuard:
         return True
 
 
+def _passing(err: BaseException) -> bool:
+    """An outage that the same update may not meet again later: the database's or the triage model's."""
+    return is_disconnect(err) or isinstance(err, TriageUnavailable)
+
+
 def quick_emergency(incoming: Incoming) -> Any | None:
     """The emergency screen of triage (regular expressions, well under a millisecond), run before the step
     so that "call 119" goes out at once, ahead of the database and of any queue (issue 8). Returns the
@@ -400,6 +407,9 @@ class BatchingTriage:
         self._runner: ThreadPoolExecutor | None = None
         self._runner_queued = False
         self.batches: deque[int] = deque(maxlen=1000)  # sizes of the last batches (for profiling)
+        embed = getattr(brain, "embed", None)
+        if callable(embed):  # similar tickets compare the vectors triage made (bot/citizen.py)
+            self.embed = embed
 
     def load(self) -> None:
         load = getattr(self.brain, "load", None)
@@ -512,6 +522,13 @@ class HotlineBot:
         if callable(load):  # a failure shows again (and is reported) in the first step that needs it
             self._background(asyncio.to_thread(load), "could not load the triage model", logging.ERROR)
 
+    async def post_shutdown(self, app: Application) -> None:
+        """Stop the triage process, if the model runs in one (bot/triage_process.py)."""
+        brain = getattr(self.services.triage, "brain", self.services.triage)
+        close = getattr(brain, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)
+
     async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         arrived = time.monotonic()
         incoming = to_incoming(update)
@@ -591,7 +608,7 @@ class HotlineBot:
             )
         except Exception as err:
             log.exception("handler failed for chat %s", incoming.chat_id)
-            if not is_disconnect(err):  # a bug would fail again; a database outage is replayed later
+            if not _passing(err):  # a bug would fail again; a database or model outage is replayed later
                 await self._mark(update_id, "failed")
             await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
             return
@@ -645,7 +662,7 @@ class HotlineBot:
             replies = await asyncio.to_thread(with_db_retry, run)
         except Exception as err:
             log.exception("handler failed for chat %s", incoming.chat_id)
-            if not is_disconnect(err):  # a bug would fail again; a database outage is replayed later
+            if not _passing(err):  # a bug would fail again; a database or model outage is replayed later
                 await self._mark(update_id, "failed")
             await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
             return
@@ -748,7 +765,12 @@ def _request(root: str, **kw: Any) -> Any:
 def build_application(
     services: Services, token: str, *, base_url: str | None = None, outbox_interval: float = OUTBOX_INTERVAL
 ) -> tuple[Application, HotlineBot]:
-    hb = HotlineBot(replace(services, triage=BatchingTriage.wrap(services.triage)))
+    triage = services.triage
+    if get_settings().triage_process:
+        from bot.triage_process import own_process
+
+        triage = own_process(triage)
+    hb = HotlineBot(replace(services, triage=BatchingTriage.wrap(triage)))
     root = (base_url or "https://api.telegram.org").rstrip("/")
     bot = DurableBot(
         token,
@@ -759,7 +781,11 @@ def build_application(
         # than the requests themselves under load; 16 in flight is far above Telegram's 30 messages/s
         request=_request(
             root,
-            connection_pool_size=16, read_timeout=10, write_timeout=10, connect_timeout=5, pool_timeout=5
+            connection_pool_size=16,
+            read_timeout=10,
+            write_timeout=10,
+            connect_timeout=5,
+            pool_timeout=5,
         ),
         get_updates_request=_request(root, connection_pool_size=1, read_timeout=40),
         inbox=hb.inbox,
@@ -767,7 +793,7 @@ def build_application(
     builder = ApplicationBuilder().bot(bot).update_queue(DurableQueue(hb.inbox))
     # issue 8: 4096 (was 32): an update waiting for a slot cannot be recognised as an emergency, and
     # under a backlog every update should reach on_update; an update that waits costs one coroutine
-    app = builder.concurrent_updates(4096).post_init(hb.post_init).build()
+    app = builder.concurrent_updates(4096).post_init(hb.post_init).post_shutdown(hb.post_shutdown).build()
     app.add_handler(CallbackQueryHandler(hb.on_update))
     app.add_handler(MessageHandler(filters.ALL & ~filters.StatusUpdate.ALL, hb.on_update))
     app.add_error_handler(_on_error)

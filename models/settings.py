@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         default="", description="sentence-transformers name or path; empty = bundled e5"
     )
+    triage_process: bool = Field(
+        default=True, description="Telegram channel: run the triage model in a child process (issue 8)"
+    )
+    triage_server: str = Field(
+        default="",
+        description="address of a shared triage server (`hotline triage-serve`): a socket path or host:port",
+    )
+    triage_key: str = Field(default="", description="the triage server's password; empty = derived from the token")
     holiday_file: Path | None = Field(default=None, description="extra holiday/workday YAML for future years")
     log_level: str = "INFO"
 

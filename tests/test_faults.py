@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, select, text
@@ -541,3 +542,44 @@ def test_texts_prefetched_as_they_arrive_are_triaged_together_and_each_step_gets
     assert [len(b) for b in model.batches] == [1, 5], "one call for the first, one for the five behind it"
     assert triage("诉求9")["echo"] == "诉求9"  # not prefetched: triaged when asked
     assert not triage._prefetched and not triage._queue
+
+
+def test_a_message_that_found_the_triage_model_away_is_answered_once_it_is_back(services, db, clock):
+    """The triage server restarts (or the model process died twice): the citizen is told the message is in,
+    the update stays pending instead of being given up, and the replay answers it properly."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from bot.telegram_app import RECOVER_AFTER
+    from bot.triage_process import TriageUnavailable
+
+    away = [True]
+
+    def triage(text):
+        if away[0]:
+            raise TriageUnavailable("triage server away")
+        return fake_triage(text)
+
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(replace(services, triage=triage), api) as bot:
+            update_id = api.message(CITIZEN, "烧烤摊油烟太大，晚上根本没法开窗")
+            await until(lambda: api.sent_to(CITIZEN))
+            assert "系统繁忙，您的消息已收到" in api.sent_to(CITIZEN)[-1].text
+            with db() as s:
+                assert s.get(InboundUpdate, update_id).done_at is None  # kept for a replay
+            away[0] = False
+            clock.advance(RECOVER_AFTER + timedelta(seconds=1))
+            await bot.hotline.recover_updates(SimpleNamespace(bot=bot.app.bot, application=bot.app))
+            await until(lambda: len(api.sent_to(CITIZEN)) >= 2)
+            return update_id
+
+    try:
+        update_id = asyncio.run(scenario())
+    finally:
+        api.stop()
+    answer = api.sent_to(CITIZEN)[1].text
+    assert "事发地点" in answer  # the request itself, taken up: the bot asks where it happens
+    with db() as s:
+        assert s.get(InboundUpdate, update_id).done_at is not None
