@@ -80,7 +80,8 @@ def _insert_ignore(session: Session, rows: list[dict[str, Any]]) -> None:
             if session.get(InboundUpdate, row["update_id"]) is None:
                 session.add(InboundUpdate(**row))
         return
-    session.execute(insert(InboundUpdate).values(rows).on_conflict_do_nothing(index_elements=["update_id"]))
+    # one cached statement for any number of rows (``.values(rows)`` compiled a new one per batch size)
+    session.execute(insert(InboundUpdate).on_conflict_do_nothing(index_elements=["update_id"]), rows)
 
 
 def record_updates(factory: sessionmaker[Session], items: Iterable[tuple[int, str | None, dict]]) -> int:

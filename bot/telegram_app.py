@@ -327,6 +327,8 @@ class Inbox:
         self.accepts: Callable[[Update], bool] = lambda _u: True  # set to "one of our handlers takes it"
         self._known: set[int] = set()
         self._order: deque[int] = deque()
+        self._waiting: list[tuple[list[tuple[int, str | None, dict]], asyncio.Future]] = []
+        self._lock: asyncio.Lock | None = None
 
     def remember(self, update_id: int) -> None:
         if update_id in self._known:
@@ -344,14 +346,33 @@ class Inbox:
         ]
         if items:
             try:
-                await asyncio.to_thread(
-                    with_db_retry, partial(record_updates, self.factory, items), attempts=6
-                )
+                await self._write(items)
             except Exception as err:
                 # not recorded, so not acknowledged: Telegram gives the updates again on the next call
                 raise NetworkError(f"inbox unavailable ({type(err).__name__})") from err
         for u in updates:
             self.remember(u.update_id)
+
+    async def _write(self, items: list[tuple[int, str | None, dict]]) -> None:
+        """A group commit: webhook updates arriving while one transaction is written go together in the next
+        (issue 8: one transaction per webhook update cost more than the update's step)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, done))
+        async with self._lock:
+            if not done.done():
+                batch, self._waiting = self._waiting, []
+                rows = [item for its, _ in batch for item in its]
+                try:
+                    await asyncio.to_thread(with_db_retry, partial(record_updates, self.factory, rows), attempts=6)
+                except Exception as err:
+                    for _, fut in batch:
+                        fut.set_exception(err)
+                else:
+                    for _, fut in batch:
+                        fut.set_result(None)
+        await done
 
 
 class DurableBot(ExtBot):
@@ -379,6 +400,11 @@ class DurableQueue(asyncio.Queue):
         if isinstance(item, Update):
             await self.inbox.record([item])
         await super().put(item)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class BatchingTriage:
@@ -459,11 +485,25 @@ class BatchingTriage:
             self.batches.append(len(batch))
             for (_, waiting), result in zip(batch, results, strict=True):
                 waiting["result"] = result
+                for loop, fut in waiting.pop("waiters", ()):
+                    loop.call_soon_threadsafe(_wake, fut)
             self._busy = False
             if self._queue and self._runner is not None and not self._runner_queued:
                 self._runner_queued = True  # prefetched texts queued meanwhile need no caller to run them
                 self._runner.submit(self._run_queued)
             self._cond.notify_all()
+
+    def ready(self, text: str) -> asyncio.Future | None:
+        """A future that is done when ``text``'s prefetched triage is (None: not prefetched, or done already).
+        The channel awaits it before the step takes a worker, so no worker sits waiting for the model."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            found = self._prefetched.get(text)
+            if found is None or "result" in found[1]:
+                return None
+            fut = loop.create_future()
+            found[1].setdefault("waiters", []).append((loop, fut))
+            return fut
 
     def __call__(self, text: str) -> dict[str, Any]:
         with self._cond:
@@ -499,7 +539,9 @@ class HotlineBot:
         self.recorder = ResultRecorder(services.sessions)
         # issue 8: steps run in their own workers; emergencies in two more, so they never queue behind a
         # flood of ordinary requests (together with the default pool, within the database's 15 connections)
-        self.steps = ThreadPoolExecutor(max_workers=6, thread_name_prefix="hotline-step")
+        self.steps = ThreadPoolExecutor(
+            max_workers=get_settings().step_workers, thread_name_prefix="hotline-step"
+        )
         self.urgent = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotline-urgent")
         self.started_at = now()
         self._recovered_once = False
@@ -556,26 +598,33 @@ class HotlineBot:
                 await self._send_or_queue(context.bot, incoming, [Reply(texts.FLOOD)])
             await self._mark(update.update_id, "flood")
             return
-        self._prefetch_triage(incoming)
+        prefetched = self._prefetch_triage(incoming)
         async with self.locks[incoming.chat_id]:
             if incoming.is_private and incoming.command not in ("bind", "join"):
+                if prefetched is not None:  # the model's answer first, then a worker (never one idle waiting)
+                    ready = self.services.triage.ready(prefetched)
+                    if ready is not None:
+                        await ready
                 await self._citizen_step(context.bot, update.update_id, incoming, arrived, early)
             else:
                 await self._group_step(context.bot, update.update_id, incoming)
 
-    def _prefetch_triage(self, incoming: Incoming) -> None:
+    def _prefetch_triage(self, incoming: Incoming) -> str | None:
         """issue 8: start triaging a citizen's text now, batched with the others arriving, when the step will
-        most likely triage it (a new request: the chat's last known state does not wait for an answer)."""
+        most likely triage it (a new request: the chat's last known state does not wait for an answer).
+        Returns the text being triaged (None: nothing started)."""
         prefetch = getattr(self.services.triage, "prefetch", None)
         if prefetch is None or not incoming.is_private or incoming.command or incoming.callback:
-            return
+            return None
         if incoming.text is None or self.chat_states.get(incoming.chat_id) in ANSWER_STATES:
-            return
+            return None
         from bot.citizen import _clean, _has_words
 
         text = _clean(incoming.text)
         if text and len(text) <= texts.MAX_TEXT and _has_words(text):
             prefetch(text)
+            return text
+        return None
 
     def _note_state(self, chat_id: str, state: str | None) -> None:
         if state is None:
