@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     triage_process: bool = Field(
         default=True, description="Telegram channel: run the triage model in a child process (issue 8)"
     )
+    step_workers: int = Field(
+        default=6, ge=1, le=8, description="Telegram channel: conversation steps run at once (issue 8)"
+    )
     triage_server: str = Field(
         default="",
         description="address of a shared triage server (`hotline triage-serve`): a socket path or host:port",

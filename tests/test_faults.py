@@ -544,6 +544,28 @@ def test_texts_prefetched_as_they_arrive_are_triaged_together_and_each_step_gets
     assert not triage._prefetched and not triage._queue
 
 
+def test_a_step_waits_for_its_prefetched_triage_without_holding_a_worker():
+    """issue 8: the channel awaits a prefetched text's triage before the step takes one of the few step
+    workers; the wait ends when the batch does, and the step then finds the result ready."""
+    model = SlowModel()
+    triage = BatchingTriage.wrap(model)
+
+    async def scenario():
+        triage.prefetch("路灯不亮")
+        ready = triage.ready("路灯不亮")
+        assert ready is not None and not ready.done()
+        assert triage.ready("没预取的话") is None  # nothing to wait for
+        await asyncio.sleep(0.05)
+        assert not ready.done()  # the model is still at it
+        model.go.set()
+        await asyncio.wait_for(ready, 10)
+        assert triage.ready("路灯不亮") is None  # done: a step would not wait
+        return triage("路灯不亮")
+
+    assert asyncio.run(scenario())["echo"] == "路灯不亮"
+    assert len(model.batches) == 1, "the step used the prefetched result, not a second model call"
+
+
 def test_a_message_that_found_the_triage_model_away_is_answered_once_it_is_back(services, db, clock):
     """The triage server restarts (or the model process died twice): the citizen is told the message is in,
     the update stays pending instead of being given up, and the replay answers it properly."""
