@@ -679,7 +679,8 @@ class HotlineBot:
                 times.append(time.monotonic())  # the first reply is out
         if len(times) == 4 and times[3] - arrived > SLOW_STEP:
             log.warning(
-                "slow step%s: %.2f s for the chat lock, %.2f s waiting for a worker, %.2f s step, %.2f s send",
+                "slow step%s: %.2f s for the chat lock and triage, %.2f s waiting for a worker, %.2f s step, "
+                "%.2f s send",
                 " (urgent)" if urgent else "",
                 times[0] - arrived,
                 times[1] - times[0],
