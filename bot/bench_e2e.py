@@ -1152,7 +1152,7 @@ def serve_bot(
 
     if os.environ.get("HOTLINE_SWITCH_INTERVAL"):  # experiments: the GIL's hand-over interval (seconds)
         sys.setswitchinterval(float(os.environ["HOTLINE_SWITCH_INTERVAL"]))
-    engine = make_engine(db_url)
+    engine = make_engine(db_url, pre_ping=False)  # as `hotline run` with a token (models/db.py)
     if sql_stats:
         _count_statements(engine, Path(sql_stats))
     factory = make_session_factory(engine)

@@ -10,11 +10,11 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def _services():
+def _services(*, pre_ping: bool = True):
     from bot.services import build_services
     from models.bootstrap import open_database
 
-    _, factory = open_database()
+    _, factory = open_database(pre_ping=pre_ping)
     return build_services(factory)
 
 
@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     token = args.token or settings.telegram_token
-    services = _services()
+    services = _services(pre_ping=not token)  # the Telegram channel retries instead (models/db.py)
     if not token:
         print("未设置 HOTLINE_TELEGRAM_TOKEN：启动控制台渠道（与 Telegram 相同的对话）。")
         if not sys.stdin.isatty():

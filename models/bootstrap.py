@@ -31,9 +31,11 @@ def init_database(engine: Engine, *, seed_kb: bool = True) -> dict[str, int]:
     return stats
 
 
-def open_database(url: str | None = None, *, init: bool = True) -> tuple[Engine, sessionmaker[Session]]:
+def open_database(
+    url: str | None = None, *, init: bool = True, pre_ping: bool = True
+) -> tuple[Engine, sessionmaker[Session]]:
     """The engine and session factory for the configured database, initialised on first run."""
-    engine = make_engine(url)
+    engine = make_engine(url, pre_ping=pre_ping)
     if init and "units" not in inspect(engine).get_table_names():
         log.info("first run: creating the database and loading the unit catalog")
         init_database(engine)

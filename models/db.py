@@ -11,7 +11,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.settings import get_settings
 
 
-def make_engine(url: str | None = None) -> Engine:
+def make_engine(url: str | None = None, *, pre_ping: bool = True) -> Engine:
+    """``pre_ping``: test each pooled connection with a round trip before handing it out (a database restart
+    then costs nothing). The Telegram channel turns it off (issue 8): every one of its transactions is run
+    again when its connection turns out dead (``bot.inbox.with_db_retry``; the first failure discards the
+    whole pool), and under load the pings were a round trip per transaction, several per update."""
     settings = get_settings()
     url = url or settings.effective_database_url
     if url.startswith("sqlite:///"):
@@ -31,7 +35,7 @@ def make_engine(url: str | None = None) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=pre_ping)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -368,7 +368,19 @@ async def _write_a_report(api: FakeBotAPI):
 
 
 @pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
-def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services, db, engine):
+@pytest.mark.parametrize("pre_ping", [True, False], ids=["pinged-pool", "bot-pool-without-ping"])
+def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services, db, engine, pre_ping):
+    """The Telegram channel's pool does not ping connections before use (models/db.py): a database restart is
+    met by the retried transaction instead, and must lose nothing either."""
+    if not pre_ping:
+        from dataclasses import replace
+
+        from sqlalchemy.orm import sessionmaker
+
+        with engine.connect() as c:
+            path = c.execute(text("SHOW search_path")).scalar_one()
+        engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={path}"}, pool_pre_ping=False)
+        services = replace(services, sessions=sessionmaker(engine, expire_on_commit=False))
     admin = create_engine(PG_URL)
     pids: set[int] = set()
     fired: list[str] = []
@@ -407,6 +419,8 @@ def test_a_postgresql_connection_dropped_mid_conversation_loses_nothing(services
         event.remove(engine, "connect", on_connect)
         event.remove(engine, "before_cursor_execute", kill_mid_transaction)
         admin.dispose()
+        if not pre_ping:
+            engine.dispose()
     assert fired, "the connection was dropped in the middle of the step"
     with db() as s:
         assert len(s.scalars(select(Ticket)).all()) == 1
