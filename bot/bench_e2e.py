@@ -531,6 +531,8 @@ def bench_e2e(
     updates/s once all are under way); ``brain`` is "real" (triage.pipeline + knowledge base), "stand-in"
     (screening rules and keywords; no model) or "auto" (the real one when it is installed). ``bots``: 1 bot
     long-polling, or that many bots behind webhooks that the fake Telegram feeds in turn (faults kill one).
+    ``triage_server``: the bots share one ``triage-serve`` process (default: with 2 or more bots); otherwise
+    each runs the model in a child process of its own (bot/triage_process.py). The bots' CPU includes it.
     """
     if brain == "auto":
         brain = "real" if _brain_available() else "stand-in"
