@@ -42,7 +42,7 @@ def enqueue(
     dedupe_key: str | None = None,
 ) -> OutboxMessage | None:
     """Queue one message; returns None when a message with the same dedupe key was already queued."""
-    msg = OutboxMessage(
+    values = dict(
         channel=channel,
         chat_id=str(chat_id),
         text=reply.text,
@@ -54,16 +54,37 @@ def enqueue(
         next_attempt_at=now(),
         created_at=now(),
     )
+    msg = OutboxMessage(**values)
     if dedupe_key is None:
         session.add(msg)
         session.flush()
         return msg
-    try:
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        # issue 8: one statement, where a savepoint around the insert took three (SAVEPOINT, INSERT, RELEASE)
+        # and a flush; a key already queued (by this process or another) inserts nothing and returns no row
+        insert = _dialect_insert(dialect)
+        stmt = (
+            insert(OutboxMessage)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(OutboxMessage)
+        )
+        return session.scalars(stmt).one_or_none()
+    try:  # pragma: no cover - the product runs on PostgreSQL or SQLite
         with session.begin_nested():
             session.add(msg)
         return msg
     except IntegrityError:
         return None
+
+
+def _dialect_insert(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def chats_of_unit(session: Session, unit_code: str) -> list[int]:
