@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, null, select, text, update
+from sqlalchemy import delete, func, null, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -147,9 +147,24 @@ class Step:
         behind a load balancer) never run two steps of one conversation at the same time."""
         self.outbox_ids = []
         if session.bind.dialect.name == "postgresql":
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(:k)"), {"k": chat_lock_key(self.channel, self.chat_id)}
+            key = chat_lock_key(self.channel, self.chat_id)
+            # issue 8: the chat's lock is taken by the claiming UPDATE itself (one round trip, not two); when
+            # no pending row matched, it is taken on its own before the rarer paths below
+            # (PostgreSQL evaluates the lock in the filter of the one row the primary key finds)
+            res = session.execute(
+                update(InboundUpdate)
+                .where(
+                    InboundUpdate.update_id == self.update_id,
+                    InboundUpdate.done_at.is_(None),
+                    func.pg_advisory_xact_lock(key).is_not(None),
+                )
+                .values(done_at=now(), outcome="done", payload=null())
+                .execution_options(synchronize_session=False)
             )
+            if res.rowcount == 1:
+                self.replayed = False
+                return True
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
         self.replayed = not _claim(session, self.update_id, self.chat_id, "done")
         return not self.replayed
 

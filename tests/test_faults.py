@@ -619,3 +619,42 @@ def test_a_message_that_found_the_triage_model_away_is_answered_once_it_is_back(
     assert "事发地点" in answer  # the request itself, taken up: the bot asks where it happens
     with db() as s:
         assert s.get(InboundUpdate, update_id).done_at is not None
+
+
+@pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
+def test_two_bot_processes_never_run_two_steps_of_one_conversation_at_once(db, engine):
+    """Behind webhooks, a citizen's two quick messages may reach two bot processes: the second step waits
+    for the first one's transaction (the chat's lock, taken by the claim itself); other chats do not wait."""
+    record_updates(db, [(9001, "7301", {"update_id": 9001}), (9002, "7301", {"update_id": 9002}),
+                        (9003, "7302", {"update_id": 9003})])
+    first, second, other = db(), db(), db()
+    try:
+        assert Step(9001, "7301").claim(first)  # its transaction stays open, as during a step
+        assert Step(9003, "7302").claim(other)  # another conversation is not held up
+        other.commit()
+        pid = second.connection().connection.dbapi_connection.info.backend_pid
+        claimed: list[bool] = []
+        waiter = threading.Thread(target=lambda: claimed.append(Step(9002, "7301").claim(second)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        state = None
+        while time.monotonic() < deadline:
+            with engine.connect() as c:
+                state = c.execute(
+                    text("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": pid},
+                ).one()
+            if tuple(state) == ("Lock", "advisory"):
+                break
+            time.sleep(0.02)
+        assert tuple(state) == ("Lock", "advisory"), "the second step waits for the conversation's lock"
+        assert not claimed
+        first.commit()  # the first step ends: the second goes on
+        waiter.join(10)
+        assert claimed == [True]
+        second.commit()
+    finally:
+        for s in (first, second, other):
+            s.close()
+    with db() as s:
+        assert all(s.get(InboundUpdate, u).done_at is not None for u in (9001, 9002, 9003))
