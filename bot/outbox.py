@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -54,8 +56,8 @@ def enqueue(
         next_attempt_at=now(),
         created_at=now(),
     )
-    msg = OutboxMessage(**values)
     if dedupe_key is None:
+        msg = OutboxMessage(**values)
         session.add(msg)
         session.flush()
         return msg
@@ -71,6 +73,7 @@ def enqueue(
             .returning(OutboxMessage)
         )
         return session.scalars(stmt).one_or_none()
+    msg = OutboxMessage(**values)
     try:  # pragma: no cover - the product runs on PostgreSQL or SQLite
         with session.begin_nested():
             session.add(msg)
@@ -225,31 +228,44 @@ def mark_sending(factory: sessionmaker[Session], ids: list[int]) -> set[int]:
     return with_db_retry(write)
 
 
-class StartMarker:
-    """Group commit for ``mark_sending``: the senders of one flush mark their rows together."""
+class GroupCommit:
+    """issue 8: a group commit. Items handed in while a ``write`` is running go together into the next one,
+    so under load one transaction serves many callers and alone a caller waits for nobody. ``write(items)``
+    runs in ``executor`` (None: asyncio's default threads); each caller gets the whole write's return value,
+    or its exception."""
 
-    def __init__(self, factory: sessionmaker[Session], thread: ThreadPoolExecutor) -> None:
-        self.factory, self.thread = factory, thread
-        self.waiting: dict[int, asyncio.Future] = {}
-        self._lock = asyncio.Lock()
+    def __init__(self, write: Callable[[list[Any]], Any], executor: ThreadPoolExecutor | None = None) -> None:
+        self.write, self.executor = write, executor
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._lock: asyncio.Lock | None = None  # made in the loop that first uses it
 
-    async def mark(self, msg_id: int) -> bool:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[msg_id] = fut
+    async def __call__(self, item: Any) -> Any:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._waiting.append((item, done))
         async with self._lock:
-            if not fut.done():
-                batch, self.waiting = self.waiting, {}
+            if not done.done():  # not written by the transaction that just ended: this caller writes
+                batch, self._waiting = self._waiting, []
                 try:
-                    marked = await asyncio.get_running_loop().run_in_executor(
-                        self.thread, mark_sending, self.factory, list(batch)
-                    )
-                except Exception:
-                    log.exception("could not mark %d outbox messages as being sent", len(batch))
-                    marked = set()
-                for i, f in batch.items():
-                    if not f.done():
-                        f.set_result(i in marked)
-        return fut.result()
+                    out = await loop.run_in_executor(self.executor, self.write, [i for i, _ in batch])
+                except Exception as err:
+                    for _, fut in batch:
+                        fut.set_exception(err)
+                else:
+                    for _, fut in batch:
+                        fut.set_result(out)
+        return await done
+
+
+def _mark_sending_or_none(factory: sessionmaker[Session], ids: list[int]) -> set[int]:
+    """``mark_sending`` for a group of senders; a failure marks none of them (they stay claimed)."""
+    try:
+        return mark_sending(factory, ids)
+    except Exception:
+        log.exception("could not mark %d outbox messages as being sent", len(ids))
+        return set()
 
 
 def _apply_result(session: Session, row: OutboxMessage, result: SendResult, at) -> None:
@@ -310,30 +326,25 @@ def record_results(factory: sessionmaker[Session], results: dict[int, SendResult
 
 class ResultRecorder:
     """issue 8: records send results as soon as they are known, sharing transactions: results that come in
-    while one transaction is being written go together in the next (a group commit), so recording costs
+    while one transaction is being written go together in the next (a ``GroupCommit``), so recording costs
     little under load and the gap between a send and its record stays a few milliseconds."""
 
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self.factory = factory
-        self.pending: dict[int, SendResult] = {}
-        self._lock: asyncio.Lock | None = None
         # its own thread: under load the shared worker threads have a queue, and every millisecond a
         # record waits there is a millisecond in which a crash makes a sent message go out again
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-record")
+        self._group = GroupCommit(self._write, self._thread)
+
+    def _write(self, items: list[tuple[int, SendResult]]) -> None:
+        batch = dict(items)  # a message recorded twice meanwhile: its last result
+        try:
+            record_results(self.factory, batch)
+        except Exception:  # the claims end and these messages are tried again
+            log.exception("could not record %d sends", len(batch))
 
     async def record(self, msg_id: int, result: SendResult) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        self.pending[msg_id] = result
-        async with self._lock:
-            if msg_id not in self.pending:
-                return  # written by the transaction that just ended
-            batch, self.pending = self.pending, {}
-            try:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._thread, record_results, self.factory, batch)
-            except Exception:  # the claims end and these messages are tried again
-                log.exception("could not record %d sends", len(batch))
+        await self._group((msg_id, result))
 
 
 def record_result(factory: sessionmaker[Session], msg_id: int, result: SendResult) -> None:
@@ -359,7 +370,7 @@ async def deliver_due(
     if not batch:
         return 0
     recorder = recorder or ResultRecorder(factory)
-    marker = StartMarker(factory, recorder._thread)
+    mark = GroupCommit(partial(_mark_sending_or_none, factory), recorder._thread)  # the senders of one flush
     started = asyncio.get_running_loop().time()
     gate = asyncio.Semaphore(concurrency)
     results: dict[int, SendResult] = {}  # deferred ones, recorded together at the end
@@ -375,7 +386,7 @@ async def deliver_due(
                 results[msg.id] = SendResult(ok=False, deferred=True, retry_after=wait)
                 continue
             async with gate:
-                if not await marker.mark(msg.id):
+                if msg.id not in await mark(msg.id):
                     # not ours any more, or the database is away: this one and the chat's later ones stay
                     # claimed, untouched, and are taken again (in order) when the claim ends
                     log.warning("outbox: %d messages for one chat left to their claim's end", len(msgs) - k)

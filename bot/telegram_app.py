@@ -58,9 +58,9 @@ from bot.inbox import (
     with_db_retry,
 )
 from bot.messages import Incoming, Reply
-from bot.outbox import ResultRecorder, SendResult, deliver_due, enqueue
+from bot.outbox import GroupCommit, ResultRecorder, SendResult, deliver_due, enqueue
 from bot.services import Services
-from bot.triage_process import TriageUnavailable
+from bot.triage_process import TriageUnavailable, own_process
 from models.clock import now
 from models.privacy import mask_text
 from models.settings import get_settings
@@ -327,8 +327,9 @@ class Inbox:
         self.accepts: Callable[[Update], bool] = lambda _u: True  # set to "one of our handlers takes it"
         self._known: set[int] = set()
         self._order: deque[int] = deque()
-        self._waiting: list[tuple[list[tuple[int, str | None, dict]], asyncio.Future]] = []
-        self._lock: asyncio.Lock | None = None
+        # issue 8: webhook updates arriving while one transaction is written go together in the next (one
+        # transaction per webhook update cost more than the update's step)
+        self._write = GroupCommit(self._record_all)
 
     def remember(self, update_id: int) -> None:
         if update_id in self._known:
@@ -353,26 +354,9 @@ class Inbox:
         for u in updates:
             self.remember(u.update_id)
 
-    async def _write(self, items: list[tuple[int, str | None, dict]]) -> None:
-        """A group commit: webhook updates arriving while one transaction is written go together in the next
-        (issue 8: one transaction per webhook update cost more than the update's step)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append((items, done))
-        async with self._lock:
-            if not done.done():
-                batch, self._waiting = self._waiting, []
-                rows = [item for its, _ in batch for item in its]
-                try:
-                    await asyncio.to_thread(with_db_retry, partial(record_updates, self.factory, rows), attempts=6)
-                except Exception as err:
-                    for _, fut in batch:
-                        fut.set_exception(err)
-                else:
-                    for _, fut in batch:
-                        fut.set_result(None)
-        await done
+    def _record_all(self, groups: list[list[tuple[int, str | None, dict]]]) -> None:
+        rows = [item for items in groups for item in items]
+        with_db_retry(partial(record_updates, self.factory, rows), attempts=6)
 
 
 class DurableBot(ExtBot):
@@ -817,8 +801,6 @@ def build_application(
 ) -> tuple[Application, HotlineBot]:
     triage = services.triage
     if get_settings().triage_process:
-        from bot.triage_process import own_process
-
         triage = own_process(triage)
     hb = HotlineBot(replace(services, triage=BatchingTriage.wrap(triage)))
     root = (base_url or "https://api.telegram.org").rstrip("/")
