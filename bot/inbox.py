@@ -105,14 +105,22 @@ def mark_done(factory: sessionmaker[Session], update_id: int, outcome: str) -> b
         return _claim(s, update_id, None, outcome)
 
 
-def _claim(session: Session, update_id: int, chat_id: str | None, outcome: str) -> bool:
+def _claim(
+    session: Session, update_id: int, chat_id: str | None, outcome: str, lock_key: int | None = None
+) -> bool:
+    """Mark the update done; False when it was done before. ``lock_key`` (PostgreSQL): the chat's advisory
+    lock, taken by the claiming UPDATE itself (issue 8: one round trip, not two; PostgreSQL evaluates it in
+    the filter of the one row the primary key finds), and on its own when no pending row matched."""
+    query = update(InboundUpdate).where(InboundUpdate.update_id == update_id, InboundUpdate.done_at.is_(None))
+    if lock_key is not None:
+        query = query.where(func.pg_advisory_xact_lock(lock_key).is_not(None))
     res = session.execute(
-        update(InboundUpdate)
-        .where(InboundUpdate.update_id == update_id, InboundUpdate.done_at.is_(None))
-        .values(done_at=now(), outcome=outcome, payload=null())
+        query.values(done_at=now(), outcome=outcome, payload=null()).execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
         return True
+    if lock_key is not None:
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
     if session.get(InboundUpdate, update_id) is not None:
         return False  # done before: a replay
     try:  # never recorded (it came by a path without the inbox): record it as done now
@@ -146,26 +154,8 @@ class Step:
         On PostgreSQL it also takes a transaction lock on the chat, so that two bot processes (webhooks
         behind a load balancer) never run two steps of one conversation at the same time."""
         self.outbox_ids = []
-        if session.bind.dialect.name == "postgresql":
-            key = chat_lock_key(self.channel, self.chat_id)
-            # issue 8: the chat's lock is taken by the claiming UPDATE itself (one round trip, not two); when
-            # no pending row matched, it is taken on its own before the rarer paths below
-            # (PostgreSQL evaluates the lock in the filter of the one row the primary key finds)
-            res = session.execute(
-                update(InboundUpdate)
-                .where(
-                    InboundUpdate.update_id == self.update_id,
-                    InboundUpdate.done_at.is_(None),
-                    func.pg_advisory_xact_lock(key).is_not(None),
-                )
-                .values(done_at=now(), outcome="done", payload=null())
-                .execution_options(synchronize_session=False)
-            )
-            if res.rowcount == 1:
-                self.replayed = False
-                return True
-            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-        self.replayed = not _claim(session, self.update_id, self.chat_id, "done")
+        key = chat_lock_key(self.channel, self.chat_id) if session.bind.dialect.name == "postgresql" else None
+        self.replayed = not _claim(session, self.update_id, self.chat_id, "done", key)
         return not self.replayed
 
     def keep_replies(self, session: Session, replies: list[Reply]) -> None:
