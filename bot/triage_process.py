@@ -58,16 +58,21 @@ def _loaded() -> int:
     return os.getpid()
 
 
+def vectors_of(brain: Any, texts: list[str]) -> list[Any] | None:
+    """The vectors ``brain`` made while triaging ``texts`` (its encoder's cache answers), for similar tickets;
+    None when it has none, or they failed (similar tickets then compare words)."""
+    embed_many = getattr(brain, "embed_many", None)
+    if not callable(embed_many):
+        return None
+    try:
+        return list(embed_many(texts))
+    except Exception:
+        log.warning("embeddings for similar tickets failed", exc_info=True)
+        return None
+
+
 def _child_triage_many(texts: list[str]) -> tuple[list[dict[str, Any]], list[Any] | None]:
-    results = _brain.triage_many(texts)
-    embed_many = getattr(_brain, "embed_many", None)
-    vectors = None
-    if callable(embed_many):
-        try:  # the encoder's cache answers: triage just embedded these texts
-            vectors = list(embed_many(texts))
-        except Exception:
-            log.warning("embeddings for similar tickets failed", exc_info=True)
-    return results, vectors
+    return _brain.triage_many(texts), vectors_of(_brain, texts)
 
 
 def _child_embed(text: str) -> Any:

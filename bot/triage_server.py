@@ -23,7 +23,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
-from bot.triage_process import RemoteBrain, TriageUnavailable
+from bot.triage_process import RemoteBrain, TriageUnavailable, vectors_of
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,7 @@ class TriageServer:
             if callable(prefetch):  # batched with what other bots are asking right now
                 for text in texts:
                     prefetch(text)
-            results = [self.batching(text) for text in texts]
-            vectors = None
-            embed_many = getattr(self.brain, "embed_many", None)
-            if callable(embed_many):
-                try:
-                    vectors = list(embed_many(texts))
-                except Exception:
-                    log.warning("embeddings for similar tickets failed", exc_info=True)
-            return results, vectors
+            return [self.batching(text) for text in texts], vectors_of(self.brain, texts)
         if op == "embed":
             return self.brain.embed(arg)
         raise ValueError(f"unknown triage request {op!r}")
