@@ -29,12 +29,14 @@ def _unit_name(session: Session, code: str | None) -> str:
     return unit.name if unit else code
 
 
-def ticket_summary(session: Session, ticket: Ticket) -> list[str]:
-    """The lines every card shares; the citizen's contact is masked."""
+def ticket_summary(session: Session, ticket: Ticket, *, photos: int | None = None) -> list[str]:
+    """The lines every card shares; the citizen's contact is masked. ``photos``: the number of the ticket's
+    photos when the caller knows it (a ticket filed in this step), else counted."""
     citizen = session.get(Citizen, ticket.citizen_id) if ticket.citizen_id else None
-    photos = session.scalar(
-        select(func.count(Attachment.id)).where(Attachment.ticket_id == ticket.id, Attachment.kind == "photo")
-    )
+    if photos is None:
+        photos = session.scalar(
+            select(func.count(Attachment.id)).where(Attachment.ticket_id == ticket.id, Attachment.kind == "photo")
+        )
     flags = []
     if ticket.urgent:
         flags.append("🔴紧急")
@@ -62,9 +64,11 @@ def ticket_summary(session: Session, ticket: Ticket) -> list[str]:
     return lines
 
 
-def unit_card(session: Session, ticket: Ticket, unit_code: str, *, headline: str | None = None) -> Reply:
+def unit_card(
+    session: Session, ticket: Ticket, unit_code: str, *, headline: str | None = None, photos: int | None = None
+) -> Reply:
     """The card a unit's group sees, with the buttons of the ticket's current step."""
-    lines = ([f"📌 {headline}"] if headline else []) + ticket_summary(session, ticket)
+    lines = ([f"📌 {headline}"] if headline else []) + ticket_summary(session, ticket, photos=photos)
     role = next((tu.role for tu in ticket.units if tu.unit_code == unit_code), None)
     signed = next((tu.signed_at for tu in ticket.units if tu.unit_code == unit_code), None)
     if role == "co":
@@ -88,9 +92,9 @@ def unit_card(session: Session, ticket: Ticket, unit_code: str, *, headline: str
     return Reply("\n".join(lines), buttons=rows)
 
 
-def center_review_card(session: Session, ticket: Ticket) -> Reply:
+def center_review_card(session: Session, ticket: Ticket, *, photos: int | None = None) -> Reply:
     """Low-confidence triage waiting for a person: confirm type and unit, reassign, or reject."""
-    lines = ["🟡 待人工确认分类和承办单位", *ticket_summary(session, ticket)]
+    lines = ["🟡 待人工确认分类和承办单位", *ticket_summary(session, ticket, photos=photos)]
     suggested = [u for u in (ticket.suggested_units or []) if session.get(Unit, u) is not None]
     if ticket.triage_confidence is not None:
         lines.append(f"模型置信度：{ticket.triage_confidence:.2f}")

@@ -655,7 +655,7 @@ def _submit(ctx: Ctx) -> list[Reply]:
     )
     emb = _embedding(ctx, d["text"])
     if emb is not None:
-        store_embedding(s, ticket, emb)
+        store_embedding(s, ticket, emb, new_ticket=True)
     old = find_repeat(s, ticket)
     if old is not None:
         flag_repeat(s, ticket, old)
@@ -664,7 +664,7 @@ def _submit(ctx: Ctx) -> list[Reply]:
         notify_unit(
             s,
             CENTER,
-            center_review_card(s, ticket),
+            center_review_card(s, ticket, photos=len(d.get("photos", []))),
             ticket_id=ticket.id,
             kind="center_queue",
             dedupe_key=f"confirm:{ticket.id}",
@@ -676,7 +676,7 @@ def _submit(ctx: Ctx) -> list[Reply]:
         notify_unit(
             s,
             tu.unit_code,
-            unit_card(s, ticket, tu.unit_code),
+            unit_card(s, ticket, tu.unit_code, photos=len(d.get("photos", []))),
             ticket_id=ticket.id,
             kind="card",
             dedupe_key=f"card:{ticket.id}:{ticket.return_count}",

@@ -32,7 +32,7 @@ from bot import binding, staff_kb
 from bot import staff_texts as tx
 from bot.cards import center_reply_card, center_request_card, center_review_card, ticket_summary, unit_card
 from bot.messages import Button, Incoming, Reply
-from bot.outbox import enqueue, notify_citizen, notify_unit
+from bot.outbox import dialect_insert, enqueue, notify_citizen, notify_unit
 from bot.services import Services
 from bot.state import ChatState, load_state, save_state
 from kb import store as kb_store
@@ -460,6 +460,27 @@ def _changed_since(session: Session, ticket_id: int, since: datetime) -> bool:
     )
 
 
+def _remember_card(session: Session, ticket_id: int, chat_id: int, message_id: int) -> None:
+    """Where the ticket's card in ``chat_id`` now is: one upsert on PostgreSQL and SQLite (issue 8: a read, an
+    insert and a flush before)."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = dialect_insert(dialect)
+        stmt = insert(TicketCard.__table__).values(ticket_id=ticket_id, chat_id=chat_id, message_id=message_id)
+        session.execute(
+            stmt.on_conflict_do_update(index_elements=["ticket_id", "chat_id"], set_={"message_id": message_id})
+        )
+        return
+    row = session.scalars(  # pragma: no cover - the product runs on PostgreSQL or SQLite
+        select(TicketCard).where(TicketCard.ticket_id == ticket_id, TicketCard.chat_id == chat_id)
+    ).one_or_none()
+    if row is None:  # pragma: no cover
+        session.add(TicketCard(ticket_id=ticket_id, chat_id=chat_id, message_id=message_id))
+    else:  # pragma: no cover
+        row.message_id = message_id
+    session.flush()  # pragma: no cover
+
+
 def record_card_message(session: Session, outbox_msg: OutboxMessage, message_id: int | None) -> None:
     """Hook for the sender: a card was delivered as ``message_id``; remember it so it can be edited later.
 
@@ -472,14 +493,7 @@ def record_card_message(session: Session, outbox_msg: OutboxMessage, message_id:
         chat_id = int(outbox_msg.chat_id)
     except ValueError:
         return
-    row = session.scalars(
-        select(TicketCard).where(TicketCard.ticket_id == outbox_msg.ticket_id, TicketCard.chat_id == chat_id)
-    ).one_or_none()
-    if row is None:
-        session.add(TicketCard(ticket_id=outbox_msg.ticket_id, chat_id=chat_id, message_id=message_id))
-    else:
-        row.message_id = message_id
-    session.flush()
+    _remember_card(session, outbox_msg.ticket_id, chat_id, message_id)
     # a step that moved the ticket while this card was on its way (a press right after it arrived) could not
     # edit it: it had no message id yet. If its buttons are stale now, edit it the way refresh_cards would.
     # Every change to a ticket leaves an event (models/workflow.py): without one since the card was queued,
