@@ -12,6 +12,10 @@ bot's questions (place, time, contact), press the confirm button of the summary 
 base answer, then write their second message. They pause 1.5-3 s between steps, as people do, which also keeps
 them under the bot's flood guard.
 
+``mix="flood"`` plays the other half of a hotline's worst day: everyone writes at once and nobody goes on.
+Citizens send their messages, each after the bot's answer to the one before, and press no button, share no
+contact or place: every update is a text message, most of them new requests that need the triage model.
+
 Faults (``faults=True``), after a clean stretch used for the throughput and latency figures: Telegram answers
 500, then 429 with retry_after, then slowly (1.5 s) and with 504 time-outs; the bot's PostgreSQL connections
 are terminated (``pg_terminate_backend``; twice, 1.5 s apart); the bot process is killed with SIGKILL and
@@ -96,6 +100,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("emergency", "有人拿着刀在{p}抢东西，快来人"),
 ]
 EMERGENCY_SHARE = 0.08
+MIXES = ("conversations", "flood")
 
 
 def make_messages(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -139,6 +144,7 @@ class Citizen:
     steps: int = 0
     resend: dict[str, Any] | None = None  # an update refused by the flood guard, to try again
     last_update: dict[str, Any] | None = None
+    answers: bool = True  # False (mix "flood"): sends its messages and answers none of the bot's questions
 
     @property
     def text(self) -> str:
@@ -159,7 +165,7 @@ class Citizen:
         if self.resend is not None:
             update, self.resend = self.resend, None
             return update
-        if self.steps > 8:
+        if self.steps > 8 or not self.answers:
             return None
         buttons = [(b[1], m.get("message_id")) for m in heard for b in m.get("buttons", [])]
         text = "\n".join(m.get("text", "") for m in heard)
@@ -522,6 +528,7 @@ def bench_e2e(
     seed: int = 12345,
     bots: int = 1,
     triage_server: bool | None = None,
+    mix: str = "conversations",
 ) -> dict:
     """Run the benchmark; returns the measurements and the checks (see the module docstring).
     ``duration_cap_s`` bounds the load and the drain once the bot is up (setup, mostly loading the triage
@@ -533,7 +540,11 @@ def bench_e2e(
     long-polling, or that many bots behind webhooks that the fake Telegram feeds in turn (faults kill one).
     ``triage_server``: the bots share one ``triage-serve`` process (default: with 2 or more bots); otherwise
     each runs the model in a child process of its own (bot/triage_process.py). The bots' CPU includes it.
+    ``mix``: "conversations" (citizens answer the bot and confirm) or "flood" (text messages only; see the
+    module docstring).
     """
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {', '.join(MIXES)}")
     if brain == "auto":
         brain = "real" if _brain_available() else "stand-in"
     if threading.current_thread() is threading.main_thread():  # `kill` still drops the schema
@@ -561,6 +572,7 @@ def bench_e2e(
             faults=faults,
             arrival_rate=arrival_rate,
             workdir=workdir,
+            answers=mix == "conversations",
         )
         result["setup"] = {
             "database": db.kind,
@@ -570,6 +582,7 @@ def bench_e2e(
             "logs": str(workdir),
             "citizens": citizens,
             "messages_per_citizen": messages_per_citizen,
+            "mix": mix,
             "arrival_rate_per_s": arrival_rate,
             "faults": faults,
             "bots": bots,
@@ -595,6 +608,7 @@ def _drive(
     faults: bool,
     arrival_rate: float,
     workdir: Path | None = None,
+    answers: bool = True,
 ) -> dict:
     t0 = time.time()
     arrival = citizens / arrival_rate
@@ -604,6 +618,7 @@ def _drive(
             make_messages(rng, per_citizen),
             t0 + i / arrival_rate + rng.random() / 10,
             random.Random(rng.random()),
+            answers=answers,
         )
         for i in range(citizens)
     }
@@ -749,6 +764,10 @@ def _drive(
             "telegram_calls": {k: round(v / n, 2) for k, v in sorted(calls.items())},
         }
     return result
+
+
+def _rate(updates: list[dict[str, Any]], span: float) -> float | None:
+    return round(len(updates) / span, 1) if span > 0 else None
 
 
 def _int(chat: str) -> int:
@@ -976,10 +995,13 @@ def _report(
     return {
         "throughput": {
             "clean_window_s": round(span, 1),
-            "citizen_updates_per_s": round(len(in_clean) / span, 1) if span > 0 else None,
-            "citizen_messages_per_s": round(sum(p["what"] == "message" for p in in_clean) / span, 1)
-            if span > 0
-            else None,
+            # every update a citizen sends waits for an answer: text and other messages, and button presses
+            "citizen_updates_per_s": _rate(in_clean, span),
+            "text_messages_per_s": _rate([p for p in in_clean if p["what"] == "message"], span),
+            "contact_and_location_messages_per_s": _rate(
+                [p for p in in_clean if p["what"] in ("contact", "location")], span
+            ),
+            "button_presses_per_s": _rate([p for p in in_clean if p["what"] == "press"], span),
             "updates_total": len(pushed),
             "load_s": round(load_end - t0, 1),
         },
@@ -1204,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bots", type=int, default=1, help="bots behind webhooks (1: one bot, long polling)")
     p.add_argument("--triage-server", action=argparse.BooleanOptionalAction, default=None,
                    help="one shared triage server for the bots (default: with 2 or more bots)")
+    p.add_argument("--mix", default="conversations", choices=MIXES)
+    p.add_argument("--per-citizen", type=int, default=2, help="requests each citizen writes")
     args = parser.parse_args(argv)
     if args.cmd == "serve-bot":
         serve_bot(
@@ -1226,6 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
         arrival_rate=args.arrival_rate,
         duration_cap_s=args.cap,
         bots=args.bots,
+        mix=args.mix,
+        messages_per_citizen=args.per_citizen,
         triage_server=args.triage_server,
     )
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))

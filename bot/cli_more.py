@@ -138,6 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             faults=not args.no_faults,
             triage_server=args.triage_server,
             **({"arrival_rate": args.rate} if args.rate else {}),
+            mix=args.mix,
+            **({"messages_per_citizen": args.per_citizen} if args.per_citizen else {}),
         )
     print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
     return 0
@@ -332,6 +334,9 @@ def add_more_commands(sub, command) -> None:
     p.add_argument("--bots", type=int, default=1, help="e2e: bot processes behind webhooks (1: one polling bot)")
     p.add_argument("--no-faults", action="store_true", help="e2e: the clean load only")
     p.add_argument("--rate", type=float, default=0, help="e2e: citizens starting per second (default 12.5)")
+    p.add_argument("--per-citizen", type=int, default=0, help="e2e: requests each citizen writes (default 2)")
+    p.add_argument("--mix", choices=["conversations", "flood"], default="conversations",
+                   help="e2e: citizens answer and confirm (conversations), or only write (flood)")
     p.add_argument("--triage-server", action=argparse.BooleanOptionalAction, default=None,
                    help="e2e: one shared triage server for the bots (default: with 2 or more bots)")
     command("bench")(cmd_bench)

@@ -1,0 +1,54 @@
+"""`hotline bench e2e` itself: a small run through the real stack (the fake Bot API and a bot in processes of
+their own; the rule-based triage so the bot starts in seconds) must find every update answered, every
+confirmation one ticket and every outbox message delivered once, and must count what it was sent by kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.bench_e2e import bench_e2e
+from tests.conftest import PG_URL
+
+URL = PG_URL if PG_URL.startswith("postgresql") else None
+
+
+def _run(**kw):
+    return bench_e2e(citizens=12, url=URL, faults=False, brain="stand-in", arrival_rate=6, duration_cap_s=60, **kw)
+
+
+def _guarantees_hold(result: dict) -> None:
+    assert result["guarantees"] == {
+        "updates_lost": 0,
+        "tickets_duplicated": 0,
+        "tickets_missing": 0,
+        "messages_lost": 0,
+        "double_sends": 0,
+        "double_sends_in_flight_at_kill": 0,
+        "double_sends_other": 0,
+        "rows_resent_after_unconfirmed_send": 0,
+    }
+    assert result["updates"]["lost"] == 0 and result["updates"]["still_queued"] == 0
+    assert result["first_reply_whole_run"]["n"] == result["throughput"]["updates_total"]
+
+
+def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_ticket():
+    result = _run(messages_per_citizen=1)
+    _guarantees_hold(result)
+    # citizens answer the bot's questions and press its buttons: most of a conversation's updates are not texts
+    assert result["tickets"]["confirmations"] >= 6
+    assert result["tickets"]["created"] >= result["tickets"]["confirmations"]
+    assert result["fake_server"]["calls"]["answerCallbackQuery"] >= result["tickets"]["confirmations"]
+    assert result["updates"]["answered"] > 12 * 2
+
+
+def test_a_flood_sends_only_text_messages_and_each_gets_an_answer():
+    result = _run(messages_per_citizen=2, mix="flood")
+    _guarantees_hold(result)
+    assert result["throughput"]["updates_total"] == 12 * 2
+    assert result["tickets"] == {"created": 0, "confirmations": 0, "duplicated": 0, "missing": 0}
+    assert "answerCallbackQuery" not in result["fake_server"]["calls"]
+
+
+def test_an_unknown_mix_is_refused_before_anything_starts():
+    with pytest.raises(ValueError, match="conversations, flood"):
+        bench_e2e(citizens=1, mix="everyone-at-once")
