@@ -922,6 +922,17 @@ def _report(
         elif p["at"] >= faults_from:
             lat_fault.append(latency)
     in_clean = [p for p in pushed if clean[0] <= p["at"] < clean[1]]
+    # emergencies sent while each fault was the latest one injected (until the next; the last until the end):
+    # when Telegram itself is slow or the only bot is dead, no answer can be fast, and this shows which it was
+    phases = sorted((e["at"], e["fault"]) for e in events if e["fault"] != "bot_restarted")
+    lat_em_phase: dict[str, list[float]] = {}
+    for p in pushed:
+        times = by_chat.get(str(p["chat"]), [])
+        k = bisect.bisect_left(times, p["at"])
+        if p["emergency"] and k < len(times):
+            started = [name for at, name in phases if at <= p["at"]]
+            if started:
+                lat_em_phase.setdefault(started[-1], []).append(times[k] - p["at"])
     timeline: dict[int, list[float]] = {}  # 5-second buckets: updates sent, first-reply p50/p95
     for p in pushed:
         times = by_chat.get(str(p["chat"]), [])
@@ -1008,6 +1019,9 @@ def _report(
         "first_reply_clean": _summary(lat_clean),
         "emergency_reply_clean": _summary(lat_em_clean),
         "emergency_reply_whole_run": _summary(lat_em_all),
+        "emergency_reply_after_each_fault": {
+            name: _summary(lat_em_phase[name]) for _, name in phases if name in lat_em_phase
+        },
         "first_reply_during_faults": _summary(lat_fault),
         "first_reply_whole_run": _summary(lat_all),
         "timeline_5s": {t: [len(v), _pct(v, 50), _pct(v, 95)] for t, v in sorted(timeline.items())},
