@@ -326,7 +326,7 @@ def _new_request(ctx: Ctx, text: str, photos: list[str] | None = None) -> list[R
         )
         ctx.st.reset()
         log.info("emergency redirected to %s", line)
-        return [Reply(texts.emergency(line, result.get("label", "")))]
+        return [Reply(texts.emergency(line, result.get("label", "")), urgent=True)]
     if verdict == "reject":
         key = result.get("key") or result.get("reason") or ""
         ex = ctx.policy.exclusion(key)

@@ -28,7 +28,7 @@ from sqlalchemy import delete, func, null, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.messages import Reply
+from bot.messages import URGENT, Reply
 from models.clock import now
 from models.tables import InboundUpdate, OutboxMessage
 
@@ -168,7 +168,7 @@ class Step:
                 chat_id=str(r.chat_id or self.chat_id),
                 text=r.text,
                 markup=r.to_markup(),
-                kind="reply",
+                kind=URGENT if r.urgent else "reply",
                 edit_message_id=r.edit_message_id,
                 status="sending",
                 attempts=1,

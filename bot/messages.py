@@ -19,6 +19,9 @@ class Button:
             raise ValueError(f"callback data too long: {self.data!r}")
 
 
+URGENT = "urgent"  # the outbox kind of an urgent Reply
+
+
 @dataclass
 class Reply:
     text: str
@@ -28,6 +31,7 @@ class Reply:
     remove_keyboard: bool = False
     chat_id: str | None = None  # None = the chat the message came from
     edit_message_id: int | None = None  # edit this earlier message instead of sending a new one
+    urgent: bool = False  # an emergency notice: retried within a second when a send fails (bot/outbox.py)
 
     def to_markup(self) -> dict[str, Any] | None:
         """A JSON-able description kept in the outbox."""

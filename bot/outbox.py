@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bot.inbox import is_disconnect, with_db_retry
-from bot.messages import Reply
+from bot.messages import URGENT, Reply
 from models.clock import now
 from models.privacy import mask_text
 from models.tables import ChatBinding, Citizen, OutboxMessage
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 12
 CLAIM_TIMEOUT = timedelta(seconds=60)  # issue 8: was 2 min; sends stop after SEND_WINDOW
 SEND_WINDOW = timedelta(seconds=20)
+# issue 8: an emergency notice (outbox kind URGENT) is tried again after URGENT_FIRST_RETRY seconds, doubling,
+# after a failed send, instead of 2 s, 4 s ... as other messages are
+URGENT_FIRST_RETRY = 0.5
 
 
 # issue 8: Core statements on the table, not ORM ones on the class: the ORM's bulk-update path cost more CPU than
@@ -296,7 +299,12 @@ def _apply_result(session: Session, row: OutboxMessage, result: SendResult, at) 
         row.status = "failed"
         log.warning("outbox message %s failed for good: %s", row.id, row.last_error)
         return
-    backoff = result.retry_after if result.retry_after is not None else min(300.0, 2.0**row.attempts)
+    if result.retry_after is not None:
+        backoff = result.retry_after
+    elif row.kind == URGENT:  # an emergency notice: 0.5 s, 1 s, 2 s ... (the next flush takes it, within 1 s)
+        backoff = min(300.0, URGENT_FIRST_RETRY * 2.0 ** (row.attempts - 1))
+    else:
+        backoff = min(300.0, 2.0**row.attempts)
     row.status = "pending"
     row.next_attempt_at = at + timedelta(seconds=backoff)
 

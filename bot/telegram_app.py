@@ -57,7 +57,7 @@ from bot.inbox import (
     record_updates,
     with_db_retry,
 )
-from bot.messages import Incoming, Reply
+from bot.messages import URGENT, Incoming, Reply
 from bot.outbox import GroupCommit, ResultRecorder, SendResult, deliver_due, enqueue
 from bot.services import Services
 from bot.triage_process import TriageUnavailable, own_process
@@ -573,7 +573,7 @@ class HotlineBot:
         early: tuple[str, SendResult] | None = None
         emergency = quick_emergency(incoming)
         if emergency is not None:  # first, whatever else is going on (even a flood)
-            notice = Reply(texts.emergency(emergency.line, emergency.label_zh))
+            notice = Reply(texts.emergency(emergency.line, emergency.label_zh), urgent=True)
             early = (emergency.line, await send_reply_result(context.bot, incoming.chat_id, notice))
         if incoming.is_private and not self.flood.allow(incoming.user_id):
             if early is not None and not early[1].ok:  # no step will queue it: queue it here
@@ -748,7 +748,7 @@ class HotlineBot:
 
     def _queue(self, chat_id: str, reply: Reply) -> None:
         with self.services.sessions.begin() as s:
-            enqueue(s, channel="telegram", chat_id=chat_id, reply=reply, kind="retry")
+            enqueue(s, channel="telegram", chat_id=chat_id, reply=reply, kind=URGENT if reply.urgent else "retry")
 
     async def flush_outbox(self, context: ContextTypes.DEFAULT_TYPE) -> None:
         async def send(msg: OutboxMessage) -> SendResult:

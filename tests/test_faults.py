@@ -621,6 +621,36 @@ def test_a_message_that_found_the_triage_model_away_is_answered_once_it_is_back(
         assert s.get(InboundUpdate, update_id).done_at is not None
 
 
+def test_an_emergency_notice_telegram_refused_is_tried_again_within_a_second(services, db, clock):
+    """Telegram answers 500 to the emergency notice, sent at once and again by the step: it waits in the outbox
+    half a second, not the 2 s of other messages, and reaches the citizen once."""
+    api = FakeBotAPI().start()
+    api.fail(500, count=2)
+
+    def waiting() -> OutboxMessage | None:
+        with db() as s:
+            return s.scalars(
+                select(OutboxMessage).where(OutboxMessage.chat_id == str(CITIZEN), OutboxMessage.status == "pending")
+            ).one_or_none()
+
+    async def scenario():
+        async with Bot(services, api):
+            api.message(CITIZEN, "楼下饭店着火了，烟很大，快来人")
+            row = await until(waiting)
+            assert row.kind == "urgent" and row.attempts == 1
+            assert row.next_attempt_at - clock.now() == timedelta(seconds=0.5)
+            assert not api.sent_to(CITIZEN)
+            clock.advance(seconds=0.5)
+            await until(lambda: api.sent_to(CITIZEN))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    [notice] = api.sent_to(CITIZEN)
+    assert "119" in notice.text
+
+
 @pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
 def test_two_bot_processes_never_run_two_steps_of_one_conversation_at_once(db, engine):
     """Behind webhooks, a citizen's two quick messages may reach two bot processes: the second step waits
