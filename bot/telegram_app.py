@@ -311,6 +311,11 @@ def quick_emergency(incoming: Incoming) -> Any | None:
         return None
 
 
+async def _send_notice(bot, chat_id: str, emergency: Any) -> tuple[str, Reply, SendResult]:
+    notice = Reply(texts.emergency(emergency.line, emergency.label_zh), urgent=True)
+    return emergency.line, notice, await send_reply_result(bot, chat_id, notice)
+
+
 def _same_notice(reply: Reply, line: str) -> bool:
     """Is this the step's own emergency notice for ``line`` (already sent before the step)?"""
     return reply.chat_id is None and reply.text.split("\n", 1)[0] == texts.emergency(line).split("\n", 1)[0]
@@ -325,6 +330,8 @@ class Inbox:
     def __init__(self, factory) -> None:
         self.factory = factory
         self.accepts: Callable[[Update], bool] = lambda _u: True  # set to "one of our handlers takes it"
+        # called with the new updates before they are written (the emergency notices go out meanwhile)
+        self.on_arrival: Callable[[list[Update]], None] = lambda _updates: None
         self._known: set[int] = set()
         self._order: deque[int] = deque()
         # issue 8: webhook updates arriving while one transaction is written go together in the next (one
@@ -340,11 +347,10 @@ class Inbox:
             self._known.discard(self._order.popleft())
 
     async def record(self, updates: list[Update] | tuple[Update, ...]) -> None:
-        items = [
-            (u.update_id, str(u.effective_chat.id) if u.effective_chat else None, u.to_dict())
-            for u in updates
-            if u.update_id not in self._known and self.accepts(u)
-        ]
+        fresh = [u for u in updates if u.update_id not in self._known and self.accepts(u)]
+        if fresh:
+            self.on_arrival(fresh)
+        items = [(u.update_id, str(u.effective_chat.id) if u.effective_chat else None, u.to_dict()) for u in fresh]
         if items:
             try:
                 await self._write(items)
@@ -532,6 +538,8 @@ class HotlineBot:
         self._tasks: set[asyncio.Task] = set()
         self._last_prune = 0.0
         self.chat_states: OrderedDict[str, str] = OrderedDict()  # chat -> state after its last step (a hint)
+        # update id -> its emergency notice being sent since the update arrived (see ``notice_on_arrival``)
+        self.early_notices: OrderedDict[int, asyncio.Task] = OrderedDict()
 
     def handle(self, incoming: Incoming) -> list[Reply]:
         """Route to the citizen's or the government side's conversation (plain, blocking)."""
@@ -555,6 +563,32 @@ class HotlineBot:
         if callable(close):
             await asyncio.to_thread(close)
 
+    def notice_on_arrival(self, bot, updates: list[Update]) -> None:
+        """issue 8: an emergency's notice goes out as its update arrives, while the update is being written to
+        the database, not after: a database that is down or restarting must not hold up "call 119" (the
+        update is acknowledged only once written; if that fails Telegram gives it again, and the notice already
+        on its way for that update id is not sent a second time)."""
+        for update in updates:
+            if update.update_id in self.early_notices or update.callback_query is not None:
+                continue
+            incoming = to_incoming(update)
+            emergency = quick_emergency(incoming) if incoming is not None else None
+            if emergency is None:
+                continue
+            self.early_notices[update.update_id] = asyncio.get_running_loop().create_task(
+                _send_notice(bot, incoming.chat_id, emergency)
+            )
+            while len(self.early_notices) > 10_000:  # updates that never reached a handler
+                self.early_notices.popitem(last=False)
+
+    async def _early_notice(self, bot, update_id: int, incoming: Incoming) -> tuple[str, Reply, SendResult] | None:
+        """The emergency notice of this update: the one sent on its arrival, or sent now (a replayed update)."""
+        task = self.early_notices.pop(update_id, None)
+        if task is not None:
+            return await task
+        emergency = quick_emergency(incoming)
+        return await _send_notice(bot, incoming.chat_id, emergency) if emergency is not None else None
+
     async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         arrived = time.monotonic()
         incoming = to_incoming(update)
@@ -570,14 +604,11 @@ class HotlineBot:
                 await self._send_or_queue(context.bot, incoming, [Reply(stale)])
                 await self._mark(update.update_id, "ignored")
                 return
-        early: tuple[str, SendResult] | None = None
-        emergency = quick_emergency(incoming)
-        if emergency is not None:  # first, whatever else is going on (even a flood)
-            notice = Reply(texts.emergency(emergency.line, emergency.label_zh), urgent=True)
-            early = (emergency.line, await send_reply_result(context.bot, incoming.chat_id, notice))
+        sent = await self._early_notice(context.bot, update.update_id, incoming)  # first, whatever else goes on
+        early = None if sent is None else (sent[0], sent[2])
         if incoming.is_private and not self.flood.allow(incoming.user_id):
-            if early is not None and not early[1].ok:  # no step will queue it: queue it here
-                await asyncio.to_thread(self._queue, incoming.chat_id, notice)
+            if sent is not None and not sent[2].ok:  # no step will queue it: queue it here
+                await asyncio.to_thread(self._queue, incoming.chat_id, sent[1])
             elif early is None and self.flood.first_refusal(incoming.user_id):
                 await self._send_or_queue(context.bot, incoming, [Reply(texts.FLOOD)])
             await self._mark(update.update_id, "flood")
@@ -830,6 +861,7 @@ def build_application(
     app.add_handler(MessageHandler(filters.ALL & ~filters.StatusUpdate.ALL, hb.on_update))
     app.add_error_handler(_on_error)
     hb.inbox.accepts = lambda u: any(h.check_update(u) for h in app.handlers.get(0, []))
+    hb.inbox.on_arrival = partial(hb.notice_on_arrival, bot)
     if app.job_queue is not None:
         app.job_queue.run_repeating(hb.flush_outbox, interval=outbox_interval, first=0.5, name="outbox")
         app.job_queue.run_repeating(hb.recover_updates, interval=RECOVER_EVERY, first=0.3, name="inbox")

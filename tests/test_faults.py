@@ -651,6 +651,57 @@ def test_an_emergency_notice_telegram_refused_is_tried_again_within_a_second(ser
     assert "119" in notice.text
 
 
+def test_an_emergency_is_answered_while_the_database_is_down_and_its_notice_is_not_repeated(
+    services, db, clock, monkeypatch
+):
+    """The update cannot be written (the database restarts): the emergency notice goes out all the same; once
+    the database is back the update is written and its step runs, and the citizen gets the notice once."""
+    from sqlalchemy.exc import OperationalError
+
+    import bot.telegram_app
+
+    real = bot.telegram_app.record_updates
+    down = threading.Event()
+    down.set()
+    tries = []
+
+    def record_updates(factory, rows):
+        tries.append(len(rows))
+        if down.is_set():
+            raise OperationalError("INSERT INTO inbound_updates …", {}, ConnectionRefusedError("the database restarts"))
+        return real(factory, rows)
+
+    monkeypatch.setattr(bot.telegram_app, "record_updates", record_updates)
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(services, api):
+            update_id = api.message(CITIZEN, "楼下饭店着火了，烟很大，快来人")
+            await until(lambda: api.sent_to(CITIZEN))
+            assert down.is_set() and tries  # answered while the update could not be written
+            down.clear()
+            await until(lambda: _done(db, update_id))
+            await until(lambda: all_sent(db))
+            return update_id
+
+    try:
+        update_id = asyncio.run(scenario())
+    finally:
+        api.stop()
+    [notice] = api.sent_to(CITIZEN)
+    assert "119" in notice.text
+    with db() as s:
+        row = s.scalars(select(OutboxMessage).where(OutboxMessage.chat_id == str(CITIZEN))).one()
+        assert row.kind == "urgent" and row.status == "sent" and row.attempts == 1  # the step's reply: not resent
+        assert s.get(InboundUpdate, update_id).outcome == "done"
+
+
+def _done(db, update_id: int) -> bool:
+    with db() as s:
+        row = s.get(InboundUpdate, update_id)
+        return row is not None and row.done_at is not None
+
+
 @pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
 def test_two_bot_processes_never_run_two_steps_of_one_conversation_at_once(db, engine):
     """Behind webhooks, a citizen's two quick messages may reach two bot processes: the second step waits
