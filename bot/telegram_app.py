@@ -74,6 +74,11 @@ except ImportError:  # Note its absence once, as a finished import would.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 SLOW_STEP = 2.0  # seconds from update to first reply worth a warning in the log
 RECOVER_EVERY = 5.0  # seconds between looks for updates left pending (issue 8)
+# issue 8: a step that met a database or triage outage is tried again this often, for this long (a database
+# restart, a triage server loading its model), holding its chat's place; then it is left for the replay
+STEP_RETRY_EVERY = 1.0
+STEP_RETRY_FOR = 30.0
+_GAVE_UP = object()  # _run_step's result when the step did not run
 RECOVER_AFTER = timedelta(seconds=60)  # an update pending this long is taken as abandoned
 # conversation states in which a citizen's text answers a question (bot/citizen.py ``_text``), so it is not
 # triaged as a new request; in any other state (or an unknown one) text is worth triaging ahead (issue 8)
@@ -538,6 +543,7 @@ class HotlineBot:
         self._tasks: set[asyncio.Task] = set()
         self._last_prune = 0.0
         self.chat_states: OrderedDict[str, str] = OrderedDict()  # chat -> state after its last step (a hint)
+        self.app: Application | None = None  # set by build_application (a stopping bot tries no step again)
         # update id -> its emergency notice being sent since the update arrived (see ``notice_on_arrival``)
         self.early_notices: OrderedDict[int, asyncio.Task] = OrderedDict()
 
@@ -660,21 +666,15 @@ class HotlineBot:
         times = [time.monotonic()]
 
         def run() -> list[Reply]:
+            del times[1:]  # a step tried again after an outage is timed from its last try
             times.append(time.monotonic())
             try:
                 return with_db_retry(partial(handle_citizen, self.services, incoming, step=step))
             finally:
                 times.append(time.monotonic())
 
-        try:
-            replies = await asyncio.get_running_loop().run_in_executor(
-                self.urgent if urgent else self.steps, run
-            )
-        except Exception as err:
-            log.exception("handler failed for chat %s", incoming.chat_id)
-            if not _passing(err):  # a bug would fail again; a database or model outage is replayed later
-                await self._mark(update_id, "failed")
-            await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
+        replies = await self._run_step(bot, incoming, update_id, run, self.urgent if urgent else self.steps)
+        if replies is _GAVE_UP:
             return
         self._note_state(incoming.chat_id, step.state)
         held: SendResult | None = None
@@ -723,15 +723,8 @@ class HotlineBot:
                 raise
             return holder.finish(replies)
 
-        try:
-            replies = await asyncio.to_thread(with_db_retry, run)
-        except Exception as err:
-            log.exception("handler failed for chat %s", incoming.chat_id)
-            if not _passing(err):  # a bug would fail again; a database or model outage is replayed later
-                await self._mark(update_id, "failed")
-            await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
-            return
-        if not replies:
+        replies = await self._run_step(bot, incoming, update_id, partial(with_db_retry, run), None)
+        if replies is _GAVE_UP or not replies:
             return
         held: SendResult | None = None
         for reply, outbox_id in zip(replies, step.outbox_ids, strict=True):
@@ -743,6 +736,39 @@ class HotlineBot:
                     log.warning("direct send failed (%s); left to the outbox", mask_text(result.error or ""))
                     held = None if result.permanent else result
             await self.recorder.record(outbox_id, result)
+
+    async def _run_step(self, bot, incoming: Incoming, update_id: int, run: Callable[[], Any], executor) -> Any:
+        """Run a step in ``executor``; returns its result, or ``_GAVE_UP``.
+
+        issue 8: a step that meets a database or triage-model outage (beyond ``with_db_retry``'s quick
+        retries) is tried again every ``STEP_RETRY_EVERY`` s for ``STEP_RETRY_FOR`` s, the person told once
+        that the message is in. The chat's lock stays held meanwhile, so the chat's next messages wait behind
+        it (a confirm press answered "busy" and then overtaken by the next message would find its buttons
+        stale, and the request would never be filed). A longer outage leaves the update pending for the
+        replay; any other error marks it failed (a bug would fail again)."""
+        loop = asyncio.get_running_loop()
+        give_up = time.monotonic() + STEP_RETRY_FOR
+        told = False
+        while True:
+            try:
+                return await loop.run_in_executor(executor, run)
+            except Exception as err:
+                passing = _passing(err)
+                stopping = self.app is not None and not self.app.running  # the replay after the restart does it
+                if not passing or stopping or time.monotonic() >= give_up:
+                    log.exception("handler failed for chat %s", incoming.chat_id)
+                    if not passing:
+                        await self._mark(update_id, "failed")
+                    if not told:
+                        await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
+                    return _GAVE_UP
+                log.warning(
+                    "step for chat %s met an outage (%s); trying again", incoming.chat_id, type(err).__name__
+                )
+            if not told:
+                told = True
+                await self._send_or_queue(bot, incoming, [Reply(texts.BUSY)])
+            await asyncio.sleep(STEP_RETRY_EVERY)
 
     def _background(self, coro, failure: str, level: int = logging.DEBUG) -> None:
         async def run() -> None:
@@ -862,6 +888,7 @@ def build_application(
     app.add_error_handler(_on_error)
     hb.inbox.accepts = lambda u: any(h.check_update(u) for h in app.handlers.get(0, []))
     hb.inbox.on_arrival = partial(hb.notice_on_arrival, bot)
+    hb.app = app
     if app.job_queue is not None:
         app.job_queue.run_repeating(hb.flush_outbox, interval=outbox_interval, first=0.5, name="outbox")
         app.job_queue.run_repeating(hb.recover_updates, interval=RECOVER_EVERY, first=0.3, name="inbox")

@@ -696,6 +696,54 @@ def test_an_emergency_is_answered_while_the_database_is_down_and_its_notice_is_n
         assert s.get(InboundUpdate, update_id).outcome == "done"
 
 
+def test_a_confirmation_that_meets_a_database_outage_is_filed_before_the_next_message(services, db, monkeypatch):
+    """The database goes away for longer than a step's quick retries just as the citizen confirms: the citizen
+    is told once that the message is in, and writes again at once. When the database is back the request is
+    filed first and the new message answered after it; nothing is left for a replay a minute later (a
+    confirmation overtaken by the next message would find its buttons stale and never be filed)."""
+    from sqlalchemy.exc import OperationalError
+
+    import bot.telegram_app
+
+    real = bot.telegram_app.handle_citizen
+    down = threading.Event()
+    tries = []
+
+    def handle_citizen(svc, incoming, step=None):
+        if down.is_set():
+            tries.append(incoming.callback or incoming.text)
+            raise OperationalError("UPDATE conversations …", {}, ConnectionRefusedError("the database restarts"))
+        return real(svc, incoming, step=step)
+
+    monkeypatch.setattr(bot.telegram_app, "handle_citizen", handle_citizen)
+    monkeypatch.setattr(bot.telegram_app, "STEP_RETRY_EVERY", 0.2)
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(services, api):
+            summary = await _write_a_report(api)
+            down.set()
+            api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
+            await asyncio.to_thread(api.wait_text, CITIZEN, "系统繁忙")
+            api.message(CITIZEN, "/mine")  # the citizen goes on at once
+            await until(lambda: len(tries) >= 8)  # tried again and again, the next message waiting behind it
+            down.clear()
+            await until(lambda: any("您最近的诉求" in m.text or "您还没有" in m.text for m in api.sent_to(CITIZEN)))
+            await until(lambda: all_sent(db))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    told = [m.text for m in api.sent_to(CITIZEN) if m.text != FOLLOW_UP]
+    after = told[told.index(next(t for t in told if "请确认" in t)) + 1 :]
+    assert len(after) == 3 and "系统繁忙" in after[0] and after[1].startswith("✅ 已受理"), after
+    assert after[2].startswith("您最近的诉求"), after  # /mine was answered after the ticket existed
+    with db() as s:
+        assert len(s.scalars(select(Ticket)).all()) == 1
+        assert s.scalars(select(InboundUpdate).where(InboundUpdate.done_at.is_(None))).all() == []
+
+
 def _done(db, update_id: int) -> bool:
     with db() as s:
         row = s.get(InboundUpdate, update_id)
