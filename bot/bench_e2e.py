@@ -18,7 +18,8 @@ contact or place: every update is a text message, most of them new requests that
 
 Faults (``faults=True``), after a clean stretch used for the throughput and latency figures: Telegram answers
 500, then 429 with retry_after, then slowly (1.5 s) and with 504 time-outs; the bot's PostgreSQL connections
-are terminated (``pg_terminate_backend``; twice, 1.5 s apart); the bot process is killed with SIGKILL and
+are terminated (``pg_terminate_backend``; twice, 1.5 s apart); then, for 3 s, every connection the bot opens is
+terminated as soon as it appears (the database restarting, as the bot sees it); the bot process is killed with SIGKILL and
 started again. Afterwards the run waits (within ``duration_cap_s``) for the outbox to drain and checks:
 every citizen update answered or still queued; every confirmation one ticket; every outbox message delivered
 once (the fake server's sends compared with the outbox rows by chat and text).
@@ -52,6 +53,7 @@ BOT_APP_NAME = "hotline-bench-bot"
 TRIAGE_KEY = "hotline-bench-triage"
 ROOT = Path(__file__).resolve().parent.parent
 KILL_WINDOW_S = 1.0  # a double send whose first copy left this long before the SIGKILL counts as "at kill"
+DB_OUTAGE_S = 3.0  # the "db_outage" fault: how long every connection of the bot is cut as soon as it appears
 REPLY_TIMEOUT = 20.0  # a citizen who hears nothing for this long stops waiting (checked again at the end)
 FOLLOW_UP = "也可以点按钮："  # the second message of a reply that carries two keyboards
 
@@ -465,22 +467,53 @@ def _initialise(url: str) -> None:
 
 def terminate_bot_connections(admin_url: str) -> int:
     """Drop every PostgreSQL connection the bot holds (as a database restart or a network cut would)."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     engine = create_engine(admin_url)
     try:
         with engine.begin() as conn:
-            return len(
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": BOT_APP_NAME},
-                ).all()
-            )
+            return _terminate(conn)
     finally:
         engine.dispose()
+
+
+def _terminate(conn) -> int:
+    from sqlalchemy import text
+
+    return len(
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": BOT_APP_NAME},
+        ).all()
+    )
+
+
+def database_outage(admin_url: str, seconds: float, ev: dict[str, Any]) -> threading.Thread:
+    """For ``seconds``, terminate every connection of the bot as soon as it appears (every 50 ms): a database
+    that is restarting, as the bot sees it. Runs in a thread; writes what it did into ``ev``."""
+    from sqlalchemy import create_engine
+
+    def cut() -> None:
+        engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        n = 0
+        try:
+            with engine.connect() as conn:
+                stop = time.time() + seconds
+                while time.time() < stop:
+                    n += _terminate(conn)
+                    time.sleep(0.05)
+        finally:
+            engine.dispose()
+            ev["detail"] = (
+                f"every connection of the bot terminated as soon as it appeared, for {seconds:.0f} s ({n} in all)"
+            )
+
+    thread = threading.Thread(target=cut, name="db-outage", daemon=True)
+    thread.start()
+    return thread
 
 
 # --------------------------------------------------------------------------- the run
@@ -632,7 +665,8 @@ def _drive(
             (4, "telegram_429"),
             (7, "telegram_slow"),
             (11, "db_drop"),
-            (17, "bot_kill"),
+            (14, "db_outage"),
+            (20, "bot_kill"),
         ]
     plan_at = [(clean[1] + dt, name) for dt, name in plan]
     events: list[dict[str, Any]] = []
@@ -797,6 +831,12 @@ def _inject(name: str, server: FakeServer, bot: BotFleet, db: Database) -> dict[
             time.sleep(1.5)
             n += terminate_bot_connections(db.admin_url)
             ev["detail"] = f"pg_terminate_backend on {n} connections of the bot (twice, 1.5 s apart)"
+    elif name == "db_outage":
+        if db.kind != "postgresql":
+            ev["detail"] = "skipped: SQLite has no connections to drop"
+        else:
+            ev["detail"] = f"database outage of {DB_OUTAGE_S:.0f} s started"
+            database_outage(db.admin_url, DB_OUTAGE_S, ev)
     elif name == "bot_kill":
         bot.kill()
         ev["detail"] = "SIGKILL to the bot process; restarted 1 s later"
