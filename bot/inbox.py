@@ -105,20 +105,47 @@ def mark_done(factory: sessionmaker[Session], update_id: int, outcome: str) -> b
         return _claim(s, update_id, None, outcome)
 
 
+class Overtaken(Exception):
+    """The chat has an earlier update still pending (its step is held up by an outage in another bot process,
+    or that process died): the channel runs it first, then this one (``Step.claim``)."""
+
+    def __init__(self, chat_id: str, update_id: int) -> None:
+        super().__init__(f"chat {chat_id} has updates before {update_id} still pending")
+        self.chat_id, self.update_id = chat_id, update_id
+
+
 def _claim(
-    session: Session, update_id: int, chat_id: str | None, outcome: str, lock_key: int | None = None
+    session: Session,
+    update_id: int,
+    chat_id: str | None,
+    outcome: str,
+    lock_key: int | None = None,
+    older: list[int] | None = None,
 ) -> bool:
     """Mark the update done; False when it was done before. ``lock_key`` (PostgreSQL): the chat's advisory
     lock, taken by the claiming UPDATE itself (issue 8: one round trip, not two; PostgreSQL evaluates it in
-    the filter of the one row the primary key finds), and on its own when no pending row matched."""
+    the filter of the one row the primary key finds), and on its own when no pending row matched.
+    ``older``: a list to which the same statement appends how many earlier updates of the chat are pending."""
     # a Core UPDATE of the table, not an ORM one of the class (issue 8: the ORM's bulk-update path cost more
     # CPU than the statement; no InboundUpdate object of this update is loaded in a step's session)
     table = InboundUpdate.__table__
     query = update(table).where(table.c.update_id == update_id, table.c.done_at.is_(None))
     if lock_key is not None:
         query = query.where(func.pg_advisory_xact_lock(lock_key).is_not(None))
-    res = session.execute(query.values(done_at=now(), outcome=outcome, payload=null()))
-    if res.rowcount == 1:
+    query = query.values(done_at=now(), outcome=outcome, payload=null())
+    if older is not None:  # in the claim's own round trip (the pending rows are few: ix_inbound_pending)
+        earlier = table.alias("earlier")
+        query = query.returning(
+            select(func.count())
+            .select_from(earlier)
+            .where(earlier.c.chat_id == chat_id, earlier.c.done_at.is_(None), earlier.c.update_id < update_id)
+            .scalar_subquery()
+        )
+        row = session.execute(query).first()
+        if row is not None:
+            older.append(row[0])
+            return True
+    elif session.execute(query).rowcount == 1:
         return True
     if lock_key is not None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
@@ -148,15 +175,21 @@ class Step:
     outbox_ids: list[int] = field(default_factory=list)
     replayed: bool = False
     state: str | None = None  # the conversation's state after the step (a hint for the channel)
+    in_order: bool = False  # raise Overtaken when an earlier update of the chat is pending (see ``claim``)
 
     def claim(self, session: Session) -> bool:
         """First statement of the step's transaction: False when the update was already processed.
 
         On PostgreSQL it also takes a transaction lock on the chat, so that two bot processes (webhooks
-        behind a load balancer) never run two steps of one conversation at the same time."""
+        behind a load balancer) never run two steps of one conversation at the same time. With
+        ``in_order``, it raises ``Overtaken`` (rolling the claim back with the transaction) when an earlier
+        update of the chat is still pending, so that the channel can run that one first."""
         self.outbox_ids = []
         key = chat_lock_key(self.channel, self.chat_id) if session.bind.dialect.name == "postgresql" else None
-        self.replayed = not _claim(session, self.update_id, self.chat_id, "done", key)
+        older: list[int] | None = [] if self.in_order else None
+        self.replayed = not _claim(session, self.update_id, self.chat_id, "done", key, older)
+        if older and older[0]:
+            raise Overtaken(self.chat_id, self.update_id)
         return not self.replayed
 
     def keep_replies(self, session: Session, replies: list[Reply]) -> None:
@@ -183,6 +216,23 @@ class Step:
 
 
 # --------------------------------------------------------------------------- recovery
+
+
+def pending_before(factory: sessionmaker[Session], chat_id: str, update_id: int) -> list[dict[str, Any]]:
+    """Payloads of the chat's updates before ``update_id`` still pending, oldest first (``Overtaken``)."""
+    with factory() as s:
+        return list(
+            s.scalars(
+                select(InboundUpdate.payload)
+                .where(
+                    InboundUpdate.chat_id == chat_id,
+                    InboundUpdate.done_at.is_(None),
+                    InboundUpdate.update_id < update_id,
+                    InboundUpdate.payload.is_not(None),
+                )
+                .order_by(InboundUpdate.update_id)
+            )
+        )
 
 
 def pending_updates(

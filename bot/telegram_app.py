@@ -47,11 +47,13 @@ from telegram.request import HTTPXRequest
 from bot import texts
 from bot.citizen import handle_citizen
 from bot.inbox import (
+    Overtaken,
     Replayed,
     Step,
     StepSessions,
     is_disconnect,
     mark_done,
+    pending_before,
     pending_updates,
     prune,
     record_updates,
@@ -621,14 +623,44 @@ class HotlineBot:
             return
         prefetched = self._prefetch_triage(incoming)
         async with self.locks[incoming.chat_id]:
-            if incoming.is_private and incoming.command not in ("bind", "join"):
-                if prefetched is not None:  # the model's answer first, then a worker (never one idle waiting)
-                    ready = self.services.triage.ready(prefetched)
-                    if ready is not None:
-                        await ready
-                await self._citizen_step(context.bot, update.update_id, incoming, arrived, early)
-            else:
-                await self._group_step(context.bot, update.update_id, incoming)
+            await self._step(context.bot, update.update_id, incoming, arrived, early, prefetched)
+
+    async def _step(
+        self,
+        bot,
+        update_id: int,
+        incoming: Incoming,
+        arrived: float,
+        early: tuple[str, SendResult] | None = None,
+        prefetched: str | None = None,
+    ) -> None:
+        """The update's step, its chat's lock held."""
+        if incoming.is_private and incoming.command not in ("bind", "join"):
+            if prefetched is not None:  # the model's answer first, then a worker (never one idle waiting)
+                ready = self.services.triage.ready(prefetched)
+                if ready is not None:
+                    await ready
+            await self._citizen_step(bot, update_id, incoming, arrived, early)
+        else:
+            await self._group_step(bot, update_id, incoming)
+
+    async def _catch_up(self, bot, chat_id: str, update_id: int) -> None:
+        """issue 8: run the chat's earlier updates still pending before ``update_id`` (``Overtaken``): held up
+        in another bot process by an outage, or left by one that died. Whichever process runs one first does
+        it; the other finds it done (the claim). Called with the chat's lock held."""
+        payloads = await asyncio.to_thread(
+            with_db_retry, partial(pending_before, self.services.sessions, chat_id, update_id)
+        )
+        for payload in payloads:
+            update = Update.de_json(payload, bot)
+            incoming = to_incoming(update)
+            if incoming is None or incoming.chat_id != chat_id:
+                continue
+            log.info("chat %s: running earlier update %s before %s", chat_id, update.update_id, update_id)
+            self.inbox.remember(update.update_id)
+            sent = await self._early_notice(bot, update.update_id, incoming)
+            early = None if sent is None else (sent[0], sent[2])
+            await self._step(bot, update.update_id, incoming, time.monotonic(), early)
 
     def _prefetch_triage(self, incoming: Incoming) -> str | None:
         """issue 8: start triaging a citizen's text now, batched with the others arriving, when the step will
@@ -661,7 +693,7 @@ class HotlineBot:
         """issue 8: the step, its "processed" mark and its replies commit together (bot/inbox.py); the
         replies are then sent at once and recorded as sent, or left to the outbox if that fails. An
         emergency notice already sent by ``on_update`` is recorded as sent, not sent again."""
-        step = Step(update_id, incoming.chat_id, incoming.channel)
+        step = Step(update_id, incoming.chat_id, incoming.channel, in_order=True)
         urgent = early is not None
         times = [time.monotonic()]
 
@@ -673,7 +705,7 @@ class HotlineBot:
             finally:
                 times.append(time.monotonic())
 
-        replies = await self._run_step(bot, incoming, update_id, run, self.urgent if urgent else self.steps)
+        replies = await self._run_step(bot, incoming, step, run, self.urgent if urgent else self.steps)
         if replies is _GAVE_UP:
             return
         self._note_state(incoming.chat_id, step.state)
@@ -710,7 +742,7 @@ class HotlineBot:
         the replies are then sent at once and recorded as sent, or left to the outbox."""
         from bot.staff import handle_group
 
-        step = Step(update_id, incoming.chat_id, incoming.channel)
+        step = Step(update_id, incoming.chat_id, incoming.channel, in_order=True)
 
         def run() -> list[Reply] | None:
             holder = StepSessions(self.services.sessions, step)
@@ -723,7 +755,7 @@ class HotlineBot:
                 raise
             return holder.finish(replies)
 
-        replies = await self._run_step(bot, incoming, update_id, partial(with_db_retry, run), None)
+        replies = await self._run_step(bot, incoming, step, partial(with_db_retry, run), None)
         if replies is _GAVE_UP or not replies:
             return
         held: SendResult | None = None
@@ -737,8 +769,11 @@ class HotlineBot:
                     held = None if result.permanent else result
             await self.recorder.record(outbox_id, result)
 
-    async def _run_step(self, bot, incoming: Incoming, update_id: int, run: Callable[[], Any], executor) -> Any:
+    async def _run_step(self, bot, incoming: Incoming, step: Step, run: Callable[[], Any], executor) -> Any:
         """Run a step in ``executor``; returns its result, or ``_GAVE_UP``.
+
+        When the chat has an earlier update still pending (``Overtaken``), that one runs first, once; then
+        this step runs whatever became of it.
 
         issue 8: a step that meets a database or triage-model outage (beyond ``with_db_retry``'s quick
         retries) is tried again every ``STEP_RETRY_EVERY`` s for ``STEP_RETRY_FOR`` s, the person told once
@@ -747,11 +782,19 @@ class HotlineBot:
         stale, and the request would never be filed). A longer outage leaves the update pending for the
         replay; any other error marks it failed (a bug would fail again)."""
         loop = asyncio.get_running_loop()
+        update_id = step.update_id
         give_up = time.monotonic() + STEP_RETRY_FOR
         told = False
         while True:
             try:
                 return await loop.run_in_executor(executor, run)
+            except Overtaken:
+                step.in_order = False  # once: an earlier update that cannot be done now must not block this one
+                try:
+                    await self._catch_up(bot, incoming.chat_id, update_id)
+                except Exception:  # e.g. the database went away again: this step's own retries handle it
+                    log.exception("chat %s: could not run the earlier updates first", incoming.chat_id)
+                continue
             except Exception as err:
                 passing = _passing(err)
                 stopping = self.app is not None and not self.app.running  # the replay after the restart does it

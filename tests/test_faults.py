@@ -630,7 +630,9 @@ def test_an_emergency_notice_telegram_refused_is_tried_again_within_a_second(ser
     def waiting() -> OutboxMessage | None:
         with db() as s:
             return s.scalars(
-                select(OutboxMessage).where(OutboxMessage.chat_id == str(CITIZEN), OutboxMessage.status == "pending")
+                select(OutboxMessage).where(
+                    OutboxMessage.chat_id == str(CITIZEN), OutboxMessage.status == "pending"
+                )
             ).one_or_none()
 
     async def scenario():
@@ -668,7 +670,8 @@ def test_an_emergency_is_answered_while_the_database_is_down_and_its_notice_is_n
     def record_updates(factory, rows):
         tries.append(len(rows))
         if down.is_set():
-            raise OperationalError("INSERT INTO inbound_updates …", {}, ConnectionRefusedError("the database restarts"))
+            down_now = ConnectionRefusedError("the database restarts")
+            raise OperationalError("INSERT INTO inbound_updates …", {}, down_now)
         return real(factory, rows)
 
     monkeypatch.setattr(bot.telegram_app, "record_updates", record_updates)
@@ -741,6 +744,51 @@ def test_a_confirmation_that_meets_a_database_outage_is_filed_before_the_next_me
     assert after[2].startswith("您最近的诉求"), after  # /mine was answered after the ticket existed
     with db() as s:
         assert len(s.scalars(select(Ticket)).all()) == 1
+        assert s.scalars(select(InboundUpdate).where(InboundUpdate.done_at.is_(None))).all() == []
+
+
+def test_a_confirmation_stuck_in_another_bot_process_is_done_before_the_chats_next_message(
+    services, db, monkeypatch
+):
+    """Behind webhooks the citizen's confirm press went to a bot process that recorded it and then stalled (a
+    database outage there, or it died); the citizen's next message reaches this bot. This bot finds the earlier
+    update still pending when it claims the new one, files the request first and then answers the message
+    (before, the message ran first, left the confirm button stale and the request was never filed)."""
+    from bot.telegram_app import HotlineBot
+
+    real = HotlineBot.on_update
+    stalled = []
+
+    async def on_update(self, update, context):
+        query = update.callback_query
+        if query is not None and (query.data or "").startswith("d:ok:") and not stalled:
+            stalled.append(update.update_id)  # recorded in the inbox, never run here: the "other" process
+            return
+        await real(self, update, context)
+
+    monkeypatch.setattr(HotlineBot, "on_update", on_update)
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(services, api):
+            summary = await _write_a_report(api)
+            api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
+            await until(lambda: stalled)
+            api.message(CITIZEN, "/mine")
+            await until(lambda: any("您最近的诉求" in m.text or "您还没有" in m.text for m in api.sent_to(CITIZEN)))
+            await until(lambda: all_sent(db))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    told = [m.text for m in api.sent_to(CITIZEN) if m.text != FOLLOW_UP]
+    after = told[told.index(next(t for t in told if "请确认" in t)) + 1 :]
+    assert len(after) == 2 and after[0].startswith("✅ 已受理"), after
+    assert after[1].startswith("您最近的诉求"), after
+    with db() as s:
+        assert len(s.scalars(select(Ticket)).all()) == 1
+        assert s.get(InboundUpdate, stalled[0]).outcome == "done"
         assert s.scalars(select(InboundUpdate).where(InboundUpdate.done_at.is_(None))).all() == []
 
 
