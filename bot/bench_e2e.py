@@ -18,9 +18,9 @@ contact or place: every update is a text message, most of them new requests that
 
 Faults (``faults=True``), after a clean stretch used for the throughput and latency figures: Telegram answers
 500, then 429 with retry_after, then slowly (1.5 s) and with 504 time-outs; the bot's PostgreSQL connections
-are terminated (``pg_terminate_backend``; twice, 1.5 s apart); then, for 3 s, every connection the bot opens is
-terminated as soon as it appears (the database restarting, as the bot sees it); the bot process is killed with SIGKILL and
-started again. Afterwards the run waits (within ``duration_cap_s``) for the outbox to drain and checks:
+are terminated (``pg_terminate_backend``; twice, 1.5 s apart); then, for 3 s, every connection the bot
+opens is terminated as soon as it appears (the database restarting, as the bot sees it); the bot process
+is killed with SIGKILL and started again. Afterwards the run waits (within ``duration_cap_s``) for the outbox to drain and checks:
 every citizen update answered or still queued; every confirmation one ticket; every outbox message delivered
 once (the fake server's sends compared with the outbox rows by chat and text).
 """
@@ -206,8 +206,10 @@ class FakeServer:
         self.base_url = f"http://127.0.0.1:{port}"
         self.log = open(log_path, "ab")
         cmd = [sys.executable, "-m", "bot.fake_bot_api", "--port", str(port)]
-        if balance_webhooks:  # several bots behind webhooks, updates posted to them in turn, 16 at a time
-            cmd += ["--balance-webhooks", "--webhook-workers", "16"]
+        if balance_webhooks:  # several bots behind webhooks, updates posted to them in turn, 40 at a time
+            # (Telegram's default max_connections for a webhook; 16 before, which let a database stall that
+            # holds webhook answers also hold back updates, emergencies among them, inside the fake Telegram)
+            cmd += ["--balance-webhooks", "--webhook-workers", "40"]
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
