@@ -988,6 +988,16 @@ def _report(
     want = Counter(expected)
     duplicated_tickets = sum(max(0, made[k] - 1) for k in made)
     missing_tickets = sum(1 for k in want if made[k] == 0)
+    if workdir is not None and missing_tickets:  # what each such citizen sent and heard, to find out why
+        chats_updates: dict[int, list[dict[str, Any]]] = {}
+        for p in pushed:
+            chats_updates.setdefault(p["chat"], []).append(p)
+        with open(workdir / "missing_tickets.jsonl", "w") as fh:
+            for chat, text in (k for k in want if made[k] == 0):
+                heard = [(round(x["at"] - t0, 2), x["text"][:60]) for x in sent if x["chat_id"] == str(chat)]
+                did = [(round(p["at"] - t0, 2), p["id"], p["what"]) for p in chats_updates.get(chat, [])]
+                line = {"chat": chat, "text": text[:60], "updates": did, "heard": heard}
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     # outbox: each row delivered once (compared by chat and text with what the fake server received)
     from bot import texts
