@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bot.messages import URGENT, Reply
 from models.clock import now
+from models.db import conflict_insert
 from models.tables import InboundUpdate, OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,8 @@ def with_db_retry(fn: Callable[[], T], *, attempts: int = 4, first_wait: float =
 
 
 def _insert_ignore(session: Session, rows: list[dict[str, Any]]) -> None:
-    dialect = session.bind.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - the product runs on PostgreSQL or SQLite
+    insert = conflict_insert(session)
+    if insert is None:  # pragma: no cover - the product runs on PostgreSQL or SQLite
         for row in rows:
             if session.get(InboundUpdate, row["update_id"]) is None:
                 session.add(InboundUpdate(**row))

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bot.inbox import is_disconnect, with_db_retry
 from bot.messages import URGENT, Reply
 from models.clock import now
+from models.db import conflict_insert
 from models.privacy import mask_text
 from models.tables import ChatBinding, Citizen, OutboxMessage
 
@@ -74,11 +75,10 @@ def enqueue(
         session.add(msg)
         session.flush()
         return msg
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
+    insert = conflict_insert(session)
+    if insert is not None:
         # issue 8: one statement, where a savepoint around the insert took three (SAVEPOINT, INSERT, RELEASE)
         # and a flush; a key already queued (by this process or another) inserts nothing and returns no row
-        insert = dialect_insert(dialect)
         stmt = (
             insert(OutboxMessage)
             .values(**values)
@@ -93,14 +93,6 @@ def enqueue(
         return msg
     except IntegrityError:
         return None
-
-
-def dialect_insert(dialect: str):
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
 
 
 def chats_of_unit(session: Session, unit_code: str) -> list[int]:

@@ -32,12 +32,13 @@ from bot import binding, staff_kb
 from bot import staff_texts as tx
 from bot.cards import center_reply_card, center_request_card, center_review_card, ticket_summary, unit_card
 from bot.messages import Button, Incoming, Reply
-from bot.outbox import dialect_insert, enqueue, notify_citizen, notify_unit
+from bot.outbox import enqueue, notify_citizen, notify_unit
 from bot.services import Services
 from bot.state import ChatState, load_state, save_state
 from kb import store as kb_store
 from models.catalog import CENTER
 from models.clock import now
+from models.db import conflict_insert
 from models.errors import IllegalTransition, IncompleteReply, NotFound, PermissionDenied, WorkflowError
 from models.privacy import contact_masked, mask_text, reveal_contact
 from models.states import ALLOWED, HANDLING_STATES, STATUS_ZH
@@ -463,9 +464,8 @@ def _changed_since(session: Session, ticket_id: int, since: datetime) -> bool:
 def _remember_card(session: Session, ticket_id: int, chat_id: int, message_id: int) -> None:
     """Where the ticket's card in ``chat_id`` now is: one upsert on PostgreSQL and SQLite (issue 8: a read, an
     insert and a flush before)."""
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = dialect_insert(dialect)
+    insert = conflict_insert(session)
+    if insert is not None:
         stmt = insert(TicketCard.__table__).values(ticket_id=ticket_id, chat_id=chat_id, message_id=message_id)
         session.execute(
             stmt.on_conflict_do_update(index_elements=["ticket_id", "chat_id"], set_={"message_id": message_id})

@@ -38,6 +38,21 @@ def make_engine(url: str | None = None, *, pre_ping: bool = True) -> Engine:
     return create_engine(url, pool_pre_ping=pre_ping)
 
 
+def conflict_insert(session: Session):
+    """The database's ``insert`` construct that knows ON CONFLICT (PostgreSQL, SQLite), or None for another
+    database (whose callers fall back to a savepoint or a read first)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+
+        return insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+
+        return insert
+    return None
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

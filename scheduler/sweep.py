@@ -51,6 +51,7 @@ from bot.messages import Reply
 from bot.outbox import chats_of_unit, enqueue, notify_citizen
 from models.catalog import CENTER
 from models.clock import CHINA_TZ, now
+from models.db import conflict_insert
 from models.policy import Duration, Policy, load_policy, preset_names
 from models.settings import get_settings
 from models.tables import Notice, Ticket, TicketEvent, Unit
@@ -192,12 +193,8 @@ def claim(session: Session, ticket_id: int, kind: str, key: str, unit_code: str 
     insert of the same key waits for the other transaction and then does nothing.
     """
     values = {"ticket_id": ticket_id, "kind": kind, "key": key, "unit_code": unit_code, "at": at}
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+    insert = conflict_insert(session)
+    if insert is not None:
         stmt = (
             insert(Notice)
             .values(**values)
