@@ -99,7 +99,7 @@ def mark_done(factory: sessionmaker[Session], update_id: int, outcome: str) -> b
     """Mark an update done outside a conversation step (flood notice, ignored, failed, group claim).
     Returns False when it was already done."""
     with factory.begin() as s:
-        return _claim(s, update_id, None, outcome)
+        return _claim(s, update_id, None, outcome)[0]
 
 
 class Overtaken(Exception):
@@ -108,7 +108,6 @@ class Overtaken(Exception):
 
     def __init__(self, chat_id: str, update_id: int) -> None:
         super().__init__(f"chat {chat_id} has updates before {update_id} still pending")
-        self.chat_id, self.update_id = chat_id, update_id
 
 
 def _claim(
@@ -117,12 +116,13 @@ def _claim(
     chat_id: str | None,
     outcome: str,
     lock_key: int | None = None,
-    older: list[int] | None = None,
-) -> bool:
-    """Mark the update done; False when it was done before. ``lock_key`` (PostgreSQL): the chat's advisory
-    lock, taken by the claiming UPDATE itself (issue 8: one round trip, not two; PostgreSQL evaluates it in
-    the filter of the one row the primary key finds), and on its own when no pending row matched.
-    ``older``: a list to which the same statement appends how many earlier updates of the chat are pending."""
+    count_older: bool = False,
+) -> tuple[bool, int]:
+    """Mark the update done: (False, 0) when it was done before, else (True, how many earlier updates of the
+    chat are still pending; counted only with ``count_older``, by the claiming statement itself).
+    ``lock_key`` (PostgreSQL): the chat's advisory lock, taken by the claiming UPDATE itself (issue 8: one
+    round trip, not two; PostgreSQL evaluates it in the filter of the one row the primary key finds), and on
+    its own when no pending row matched."""
     # a Core UPDATE of the table, not an ORM one of the class (issue 8: the ORM's bulk-update path cost more
     # CPU than the statement; no InboundUpdate object of this update is loaded in a step's session)
     table = InboundUpdate.__table__
@@ -130,7 +130,7 @@ def _claim(
     if lock_key is not None:
         query = query.where(func.pg_advisory_xact_lock(lock_key).is_not(None))
     query = query.values(done_at=now(), outcome=outcome, payload=null())
-    if older is not None:  # in the claim's own round trip (the pending rows are few: ix_inbound_pending)
+    if count_older:  # in the claim's own round trip (the pending rows are few: ix_inbound_pending)
         earlier = table.alias("earlier")
         query = query.returning(
             select(func.count())
@@ -140,20 +140,19 @@ def _claim(
         )
         row = session.execute(query).first()
         if row is not None:
-            older.append(row[0])
-            return True
+            return True, row[0]
     elif session.execute(query).rowcount == 1:
-        return True
+        return True, 0
     if lock_key is not None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
     if session.get(InboundUpdate, update_id) is not None:
-        return False  # done before: a replay
+        return False, 0  # done before: a replay
     try:  # never recorded (it came by a path without the inbox): record it as done now
         with session.begin_nested():
             session.add(InboundUpdate(update_id=update_id, chat_id=chat_id, done_at=now(), outcome=outcome))
-        return True
+        return True, 0
     except IntegrityError:
-        return False
+        return False, 0
 
 
 def chat_lock_key(channel: str, chat_id: str) -> int:
@@ -183,10 +182,10 @@ class Step:
         update of the chat is still pending, so that the channel can run that one first."""
         self.outbox_ids = []
         key = chat_lock_key(self.channel, self.chat_id) if session.bind.dialect.name == "postgresql" else None
-        older: list[int] | None = [] if self.in_order else None
-        self.replayed = not _claim(session, self.update_id, self.chat_id, "done", key, older)
-        if older and older[0]:
+        claimed, older = _claim(session, self.update_id, self.chat_id, "done", key, self.in_order)
+        if older:
             raise Overtaken(self.chat_id, self.update_id)
+        self.replayed = not claimed
         return not self.replayed
 
     def keep_replies(self, session: Session, replies: list[Reply]) -> None:
