@@ -22,7 +22,7 @@ from dataclasses import fields, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from telegram import (
     InlineKeyboardButton,
@@ -318,9 +318,17 @@ def quick_emergency(incoming: Incoming) -> Any | None:
         return None
 
 
-async def _send_notice(bot, chat_id: str, emergency: Any) -> tuple[str, Reply, SendResult]:
+class EarlyNotice(NamedTuple):
+    """An emergency notice sent before the step (the line it names, the notice, how its send went)."""
+
+    line: str
+    reply: Reply
+    result: SendResult
+
+
+async def _send_notice(bot, chat_id: str, emergency: Any) -> EarlyNotice:
     notice = Reply(texts.emergency(emergency.line, emergency.label_zh), urgent=True)
-    return emergency.line, notice, await send_reply_result(bot, chat_id, notice)
+    return EarlyNotice(emergency.line, notice, await send_reply_result(bot, chat_id, notice))
 
 
 def _same_notice(reply: Reply, line: str) -> bool:
@@ -546,8 +554,9 @@ class HotlineBot:
         self._last_prune = 0.0
         self.chat_states: OrderedDict[str, str] = OrderedDict()  # chat -> state after its last step (a hint)
         self.app: Application | None = None  # set by build_application (a stopping bot tries no step again)
-        # update id -> its emergency notice being sent since the update arrived (see ``notice_on_arrival``)
-        self.early_notices: OrderedDict[int, asyncio.Task] = OrderedDict()
+        # update id -> its emergency notice being sent since the update arrived, or None: screened on arrival,
+        # no emergency (see ``notice_on_arrival``)
+        self.early_notices: OrderedDict[int, asyncio.Task | None] = OrderedDict()
 
     def handle(self, incoming: Incoming) -> list[Reply]:
         """Route to the citizen's or the government side's conversation (plain, blocking)."""
@@ -577,23 +586,24 @@ class HotlineBot:
         update is acknowledged only once written; if that fails Telegram gives it again, and the notice already
         on its way for that update id is not sent a second time)."""
         for update in updates:
-            if update.update_id in self.early_notices or update.callback_query is not None:
+            if update.update_id in self.early_notices:
                 continue
-            incoming = to_incoming(update)
+            incoming = None if update.callback_query is not None else to_incoming(update)
             emergency = quick_emergency(incoming) if incoming is not None else None
-            if emergency is None:
-                continue
-            self.early_notices[update.update_id] = asyncio.get_running_loop().create_task(
-                _send_notice(bot, incoming.chat_id, emergency)
+            self.early_notices[update.update_id] = (
+                None
+                if emergency is None
+                else asyncio.get_running_loop().create_task(_send_notice(bot, incoming.chat_id, emergency))
             )
             while len(self.early_notices) > 10_000:  # updates that never reached a handler
                 self.early_notices.popitem(last=False)
 
-    async def _early_notice(self, bot, update_id: int, incoming: Incoming) -> tuple[str, Reply, SendResult] | None:
-        """The emergency notice of this update: the one sent on its arrival, or sent now (a replayed update)."""
-        task = self.early_notices.pop(update_id, None)
-        if task is not None:
-            return await task
+    async def _early_notice(self, bot, update_id: int, incoming: Incoming) -> EarlyNotice | None:
+        """The emergency notice of this update: the one sent on its arrival, or sent now (an update that came
+        without the screen on arrival, e.g. a replayed one)."""
+        if update_id in self.early_notices:
+            task = self.early_notices.pop(update_id)
+            return None if task is None else await task
         emergency = quick_emergency(incoming)
         return await _send_notice(bot, incoming.chat_id, emergency) if emergency is not None else None
 
@@ -612,11 +622,10 @@ class HotlineBot:
                 await self._send_or_queue(context.bot, incoming, [Reply(stale)])
                 await self._mark(update.update_id, "ignored")
                 return
-        sent = await self._early_notice(context.bot, update.update_id, incoming)  # first, whatever else goes on
-        early = None if sent is None else (sent[0], sent[2])
+        early = await self._early_notice(context.bot, update.update_id, incoming)  # first, whatever else goes on
         if incoming.is_private and not self.flood.allow(incoming.user_id):
-            if sent is not None and not sent[2].ok:  # no step will queue it: queue it here
-                await asyncio.to_thread(self._queue, incoming.chat_id, sent[1])
+            if early is not None and not early.result.ok:  # no step will queue it: queue it here
+                await asyncio.to_thread(self._queue, incoming.chat_id, early.reply)
             elif early is None and self.flood.first_refusal(incoming.user_id):
                 await self._send_or_queue(context.bot, incoming, [Reply(texts.FLOOD)])
             await self._mark(update.update_id, "flood")
@@ -631,7 +640,7 @@ class HotlineBot:
         update_id: int,
         incoming: Incoming,
         arrived: float,
-        early: tuple[str, SendResult] | None = None,
+        early: EarlyNotice | None = None,
         prefetched: str | None = None,
     ) -> None:
         """The update's step, its chat's lock held."""
@@ -658,8 +667,7 @@ class HotlineBot:
                 continue
             log.info("chat %s: running earlier update %s before %s", chat_id, update.update_id, update_id)
             self.inbox.remember(update.update_id)
-            sent = await self._early_notice(bot, update.update_id, incoming)
-            early = None if sent is None else (sent[0], sent[2])
+            early = await self._early_notice(bot, update.update_id, incoming)
             await self._step(bot, update.update_id, incoming, time.monotonic(), early)
 
     def _prefetch_triage(self, incoming: Incoming) -> str | None:
@@ -688,7 +696,7 @@ class HotlineBot:
             self.chat_states.popitem(last=False)
 
     async def _citizen_step(
-        self, bot, update_id: int, incoming: Incoming, arrived: float, early: tuple[str, SendResult] | None
+        self, bot, update_id: int, incoming: Incoming, arrived: float, early: EarlyNotice | None
     ) -> None:
         """issue 8: the step, its "processed" mark and its replies commit together (bot/inbox.py); the
         replies are then sent at once and recorded as sent, or left to the outbox if that fails. An
@@ -713,8 +721,8 @@ class HotlineBot:
         for reply, outbox_id in zip(replies, step.outbox_ids, strict=True):
             if held is not None:  # keep the order: the rest waits for the outbox with the failed one
                 result = SendResult(ok=False, deferred=True, retry_after=held.retry_after or 2.0)
-            elif early is not None and early[1].ok and _same_notice(reply, early[0]):
-                result, early = early[1], None
+            elif early is not None and early.result.ok and _same_notice(reply, early.line):
+                result, early = early.result, None
             else:
                 result = await send_reply_result(bot, reply.chat_id or incoming.chat_id, reply)
                 if not result.ok:
