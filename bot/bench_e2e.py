@@ -943,6 +943,10 @@ def _report(
     lat_all, lat_clean, lat_em_clean, lat_em_all, lat_fault = [], [], [], [], []
     lost, queued, late = [], 0, 0
     faults_from = min((e["at"] for e in events), default=float("inf"))
+    # emergencies sent while each fault was the latest one injected (until the next; the last until the end):
+    # when Telegram itself is slow or the only bot is dead, no answer can be fast, and this shows which it was
+    phases = sorted((e["at"], e["fault"]) for e in events if e["fault"] != "bot_restarted")
+    lat_em_phase: dict[str, list[float]] = {}
     for p in pushed:
         times = by_chat.get(str(p["chat"]), [])
         k = bisect.bisect_left(times, p["at"])
@@ -957,6 +961,9 @@ def _report(
         lat_all.append(latency)
         if p["emergency"]:
             lat_em_all.append(latency)
+            started = [name for at, name in phases if at <= p["at"]]
+            if started:
+                lat_em_phase.setdefault(started[-1], []).append(latency)
         if clean[0] <= p["at"] < clean[1]:
             lat_clean.append(latency)
             if p["emergency"]:
@@ -964,17 +971,6 @@ def _report(
         elif p["at"] >= faults_from:
             lat_fault.append(latency)
     in_clean = [p for p in pushed if clean[0] <= p["at"] < clean[1]]
-    # emergencies sent while each fault was the latest one injected (until the next; the last until the end):
-    # when Telegram itself is slow or the only bot is dead, no answer can be fast, and this shows which it was
-    phases = sorted((e["at"], e["fault"]) for e in events if e["fault"] != "bot_restarted")
-    lat_em_phase: dict[str, list[float]] = {}
-    for p in pushed:
-        times = by_chat.get(str(p["chat"]), [])
-        k = bisect.bisect_left(times, p["at"])
-        if p["emergency"] and k < len(times):
-            started = [name for at, name in phases if at <= p["at"]]
-            if started:
-                lat_em_phase.setdefault(started[-1], []).append(times[k] - p["at"])
     timeline: dict[int, list[float]] = {}  # 5-second buckets: updates sent, first-reply p50/p95
     for p in pushed:
         times = by_chat.get(str(p["chat"]), [])
