@@ -731,20 +731,17 @@ def test_a_confirmation_that_meets_a_database_outage_is_filed_before_the_next_me
             api.message(CITIZEN, "/mine")  # the citizen goes on at once
             await until(lambda: len(tries) >= 8)  # tried again and again, the next message waiting behind it
             down.clear()
-            await until(lambda: any("您最近的诉求" in m.text or "您还没有" in m.text for m in api.sent_to(CITIZEN)))
+            await until(lambda: _mine_answered(api))
             await until(lambda: all_sent(db))
 
     try:
         asyncio.run(scenario())
     finally:
         api.stop()
-    told = [m.text for m in api.sent_to(CITIZEN) if m.text != FOLLOW_UP]
-    after = told[told.index(next(t for t in told if "请确认" in t)) + 1 :]
+    after = _told_after_summary(api)
     assert len(after) == 3 and "系统繁忙" in after[0] and after[1].startswith("✅ 已受理"), after
     assert after[2].startswith("您最近的诉求"), after  # /mine was answered after the ticket existed
-    with db() as s:
-        assert len(s.scalars(select(Ticket)).all()) == 1
-        assert s.scalars(select(InboundUpdate).where(InboundUpdate.done_at.is_(None))).all() == []
+    _one_ticket_nothing_pending(db)
 
 
 def test_a_confirmation_stuck_in_another_bot_process_is_done_before_the_chats_next_message(
@@ -775,20 +772,35 @@ def test_a_confirmation_stuck_in_another_bot_process_is_done_before_the_chats_ne
             api.press(CITIZEN, dict(summary.buttons())["✅ 确认提交"])
             await until(lambda: stalled)
             api.message(CITIZEN, "/mine")
-            await until(lambda: any("您最近的诉求" in m.text or "您还没有" in m.text for m in api.sent_to(CITIZEN)))
+            await until(lambda: _mine_answered(api))
             await until(lambda: all_sent(db))
 
     try:
         asyncio.run(scenario())
     finally:
         api.stop()
-    told = [m.text for m in api.sent_to(CITIZEN) if m.text != FOLLOW_UP]
-    after = told[told.index(next(t for t in told if "请确认" in t)) + 1 :]
+    after = _told_after_summary(api)
     assert len(after) == 2 and after[0].startswith("✅ 已受理"), after
     assert after[1].startswith("您最近的诉求"), after
+    _one_ticket_nothing_pending(db)
+    with db() as s:
+        assert s.get(InboundUpdate, stalled[0]).outcome == "done"
+
+
+def _mine_answered(api: FakeBotAPI) -> bool:
+    """The citizen's /mine was answered (with the ticket, or with "none yet")."""
+    return any("您最近的诉求" in m.text or "您还没有" in m.text for m in api.sent_to(CITIZEN))
+
+
+def _told_after_summary(api: FakeBotAPI) -> list[str]:
+    """What the citizen was told after the summary with the confirm button."""
+    told = [m.text for m in api.sent_to(CITIZEN) if m.text != FOLLOW_UP]
+    return told[told.index(next(t for t in told if "请确认" in t)) + 1 :]
+
+
+def _one_ticket_nothing_pending(db) -> None:
     with db() as s:
         assert len(s.scalars(select(Ticket)).all()) == 1
-        assert s.get(InboundUpdate, stalled[0]).outcome == "done"
         assert s.scalars(select(InboundUpdate).where(InboundUpdate.done_at.is_(None))).all() == []
 
 
