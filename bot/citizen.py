@@ -217,6 +217,8 @@ def _button(ctx: Ctx, data: str) -> list[Reply]:
     # everything else belongs to a step and carries that step's token
     token = parts[-1] if len(parts) >= 2 else ""
     if not token or token != ctx.st.token:
+        if ctx.st.state == "confirm" and ctx.st.superseded(token):  # a summary shown before the content changed
+            return [_summary(ctx, note=texts.SUMMARY_CHANGED)]
         return [Reply(texts.STALE_BUTTON)]
     if kind == "kb":
         return _kb_feedback(ctx, parts[1])
@@ -304,9 +306,12 @@ def _text(ctx: Ctx, raw: str) -> list[Reply]:
     if not _has_words(text):
         return [Reply(texts.NO_TEXT_CONTENT)]
     if state == "confirm":
-        # free text during confirmation: treat as a correction of the content
+        # free text during confirmation adds to the content, and the summary says so: the citizen may have
+        # written before seeing the question (a reply delayed by an outage, issue 8) and meant another matter.
+        # The summaries shown before are superseded: a confirm press files only what its summary showed.
         ctx.st.data["text"] = (ctx.st.data.get("text", "") + "\n" + text).strip()
-        return [_summary(ctx)]
+        ctx.st.renew_token()
+        return [_summary(ctx, note=texts.TEXT_ADDED)]
     return _new_request(ctx, text)
 
 
@@ -514,11 +519,12 @@ def _unit_names(session: Session, codes: list[str]) -> list[str]:
     return names
 
 
-def _summary(ctx: Ctx) -> Reply:
+def _summary(ctx: Ctx, note: str | None = None) -> Reply:
     d = ctx.st.data
     token = ctx.st.token
     units = _unit_names(ctx.session, d.get("units", [])[:2]) or ["由热线中心指派"]
-    lines = [
+    lines = [note] if note else []
+    lines += [
         "请确认您的诉求：",
         f"类型：{TYPE_ZH.get(d.get('type', ''), '待确认')}",
         f"内容：{d.get('text', '')[:300]}",
@@ -589,6 +595,7 @@ def _photo(ctx: Ctx) -> list[Reply]:
         ctx.st.data.setdefault("photos", []).append(photo)
         replies = [Reply(texts.PHOTO_ADDED.format(n=len(ctx.st.data["photos"])))]
         if ctx.st.state == "confirm":
+            ctx.st.renew_token()  # the summaries shown before did not count this photo
             replies.append(_summary(ctx))
         return replies
     if ctx.st.state == "add_info":

@@ -31,6 +31,18 @@ class ChatState:
         self.data = {**data, "token": token}
         return token
 
+    def renew_token(self) -> str:
+        """A fresh token for the same step (its content changed): buttons shown before are now stale, and
+        ``superseded`` tells them from buttons of an older step."""
+        old = self.token
+        if old:
+            self.data["superseded"] = [*self.data.get("superseded", [])[-4:], old]
+        self.data["token"] = secrets.token_hex(3)
+        return self.data["token"]
+
+    def superseded(self, token: str) -> bool:
+        return token in self.data.get("superseded", [])
+
     @property
     def token(self) -> str:
         return self.data.get("token", "")

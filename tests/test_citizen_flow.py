@@ -137,6 +137,24 @@ def test_full_complaint_asks_for_missing_place_and_time_then_dispatches(services
         assert len(s.scalars(select(Ticket)).all()) == 1
 
 
+def test_a_message_written_while_a_request_awaits_confirmation_is_added_and_the_citizen_is_told(services, db):
+    say(services, "烧烤摊占道经营油烟太大")
+    token = to_confirm(services, db)
+    [r] = say(services, "每天晚上十点以后最吵")
+    assert r.text.startswith("已把您刚发的这条消息补充到") and "另一件事" in r.text
+    assert "内容：烧烤摊占道经营油烟太大\n每天晚上十点以后最吵" in r.text
+    # the summary shown before the message does not file the longer content: it shows the new one again
+    [again] = press(services, f"d:ok:{token}")
+    assert again.text.startswith("这条诉求的内容在您按按钮前有了更新")
+    assert "内容：烧烤摊占道经营油烟太大\n每天晚上十点以后最吵" in again.text
+    with db() as s:
+        assert s.scalars(select(Ticket)).all() == []
+    [r] = press(services, again.buttons[0][0].data)
+    assert "已受理，工单号" in r.text
+    with db() as s:
+        assert s.scalars(select(Ticket.original_text)).one() == "烧烤摊占道经营油烟太大\n每天晚上十点以后最吵"
+
+
 def test_kb_answer_then_not_solved_becomes_a_ticket(services, db):
     [r] = say(services, "外地人怎么办居住证")
     assert "解决了吗" in r.text and "来源" in r.text

@@ -41,11 +41,16 @@ def test_file_a_ticket_with_location_contact_and_photo(services, db):
             when = await h.expect(CITIZEN, "什么时候", after=mark)
             summary = await h.press(CITIZEN, when.buttons()[0][1], "请确认")
             assert "位置坐标" in summary.text
+            before_photo = dict(summary.buttons())["✅ 确认提交"]
             mark = h.mark()
             h.api.photo(CITIZEN, file_id="PHOTO-A")
             await h.expect(CITIZEN, "图片已附上", after=mark)
             summary = await h.expect(CITIZEN, "请确认", after=mark)
-            confirm = dict(summary.buttons())["✅ 确认提交"]
+            assert "附图：1张" in summary.text
+            # the summary from before the photo no longer files: it shows the one with the photo again
+            again = await h.press(CITIZEN, before_photo, "有了更新")
+            assert "附图：1张" in again.text
+            confirm = dict(again.buttons())["✅ 确认提交"]
             done = await h.press(CITIZEN, confirm, "已受理，工单号")
             number = done.text.split("工单号 ")[1].split("\n")[0]
             # the unit's group receives the card through the outbox
