@@ -21,7 +21,10 @@ Faults (``faults=True``), after a clean stretch used for the throughput and late
 are terminated (``pg_terminate_backend``; twice, 1.5 s apart); then, for 3 s, every connection the bot
 opens is terminated as soon as it appears (the database restarting, as the bot sees it); the bot process
 is killed with SIGKILL and started again. Afterwards the run waits (within ``duration_cap_s``) for the outbox to drain and checks:
-every citizen update answered or still queued; every confirmation one ticket; every outbox message delivered
+every citizen update answered or still queued; every confirmation one ticket, holding what the confirmed
+summary showed (a citizen whose reply was held up by a fault may write the next message before answering the
+bot, and that message then answers the bot's question or is added to the request awaiting confirmation; such
+confirmations are counted in ``tickets.confirmed_content_not_last_message``); every outbox message delivered
 once (the fake server's sends compared with the outbox rows by chat and text).
 """
 
@@ -45,6 +48,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bot.texts import SUMMARY_CHANGED
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +152,8 @@ class Citizen:
     resend: dict[str, Any] | None = None  # an update refused by the flood guard, to try again
     last_update: dict[str, Any] | None = None
     answers: bool = True  # False (mix "flood"): sends its messages and answers none of the bot's questions
+    confirmed: str | None = None  # the content of the summary whose confirm button it pressed last
+    filing: int | None = None  # that confirmation's place in the expected tickets, until the bot answers it
 
     @property
     def text(self) -> str:
@@ -169,12 +176,16 @@ class Citizen:
             return update
         if self.steps > 8 or not self.answers:
             return None
-        buttons = [(b[1], m.get("message_id")) for m in heard for b in m.get("buttons", [])]
+        buttons = [button for m in heard for button in buttons_of(m)]
         text = "\n".join(m.get("text", "") for m in heard)
         # a join offer (same event already reported by another citizen): file anyway, so every confirm is a ticket
         for prefix in ("d:ok:", "kb:yes:", "time:", "j:new:"):
             for data, mid in buttons:
                 if data.startswith(prefix):
+                    self.confirmed = self.text
+                    if prefix == "d:ok:":  # what the summary under that button says is filed
+                        shown = [m.get("text", "") for m in heard if (data, mid) in buttons_of(m)]
+                        self.confirmed = (summary_content(shown[-1]) if shown else None) or self.text
                     return {"kind": "press", "chat_id": self.chat, "data": data, "message_id": mid or 1}
         if "实名" in text or "分享手机号" in text:
             return {
@@ -193,6 +204,21 @@ class Citizen:
                 }
             return {"kind": "message", "chat_id": self.chat, "text": self.rng.choice(PLACES)}
         return None
+
+
+def buttons_of(message: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """A message's buttons as (callback data, the message's id)."""
+    return [(b[1], message.get("message_id")) for b in message.get("buttons", [])]
+
+
+def summary_content(summary: str) -> str | None:
+    """The request's content as the confirmation summary shows it (its "内容：" field, up to the "地点：" line;
+    the content may span lines), or None when the message is no summary."""
+    start = summary.find("\n内容：")
+    end = summary.find("\n地点：", start)
+    if start < 0 or end < 0:
+        return None
+    return summary[start + len("\n内容：") : end]
 
 
 # --------------------------------------------------------------------------- talking to the fake server
@@ -675,7 +701,7 @@ def _drive(
     sent_next = 0
     all_sent: list[dict[str, Any]] = []
     pushed: list[dict[str, Any]] = []  # every citizen update: chat, id, at, what, emergency
-    expected_tickets: list[tuple[int, str]] = []
+    expected_tickets: list[tuple[int, str, str] | None] = []  # chat, content confirmed, latest text written
     flood_refusals = 0
     deadline = t0 + cap
     restart_pending: float | None = None
@@ -715,6 +741,9 @@ def _drive(
             elif c.state == "waiting":
                 w = c.waiting
                 if any(m["at"] >= w.at for m in c.heard):
+                    if c.filing is not None and any(m["text"].startswith(SUMMARY_CHANGED) for m in c.heard):
+                        expected_tickets[c.filing] = None  # a superseded summary: the press filed nothing
+                    c.filing = None
                     if any("发送得太快" in m["text"] for m in c.heard):
                         flood_refusals += 1
                         c.resend = c.last_update
@@ -732,7 +761,8 @@ def _drive(
                     c.state = "between"
                     continue
                 if what and update["data"].startswith(("d:ok:", "kb:yes:")):
-                    expected_tickets.append((c.chat, c.text))
+                    c.filing = len(expected_tickets)
+                    expected_tickets.append((c.chat, c.confirmed or c.text, c.text))
                 batch.append((c, update, update["kind"], False))
             elif c.state == "between" and now >= c.act_at:
                 update = c.next_message()
@@ -780,7 +810,7 @@ def _drive(
         clean,
         pushed,
         all_sent,
-        expected_tickets,
+        [e for e in expected_tickets if e is not None],
         events,
         db,
         flood_refusals,
@@ -889,7 +919,7 @@ def _report(
     clean: tuple[float, float],
     pushed: list[dict[str, Any]],
     sent: list[dict[str, Any]],
-    expected: list[tuple[int, str]],
+    expected: list[tuple[int, str, str]],
     events: list[dict[str, Any]],
     db: Database,
     flood_refusals: int,
@@ -980,8 +1010,12 @@ def _report(
     span = clean[1] - clean[0]
 
     # tickets: one per confirmation
-    made = Counter({(int(ext), text): n for ext, text, n in tickets if ext.isdigit()})
-    want = Counter(expected)
+    made: Counter[tuple[int, str]] = Counter()
+    for ext, text, n in tickets:
+        if ext.isdigit():
+            made[(int(ext), text[:300])] += n  # as far as a summary shows it
+    want = Counter((chat, content) for chat, content, _ in expected)
+    not_last = sum(1 for _, content, latest in expected if content != latest)
     duplicated_tickets = sum(max(0, made[k] - 1) for k in made)
     missing_tickets = sum(1 for k in want if made[k] == 0)
     if workdir is not None and missing_tickets:  # what each such citizen sent and heard, to find out why
@@ -990,7 +1024,7 @@ def _report(
             chats_updates.setdefault(p["chat"], []).append(p)
         with open(workdir / "missing_tickets.jsonl", "w") as fh:
             for chat, text in (k for k in want if made[k] == 0):
-                heard = [(round(x["at"] - t0, 2), x["text"][:60]) for x in sent if x["chat_id"] == str(chat)]
+                heard = [(round(x["at"] - t0, 2), x["text"][:200]) for x in sent if x["chat_id"] == str(chat)]
                 did = [(round(p["at"] - t0, 2), p["id"], p["what"]) for p in chats_updates.get(chat, [])]
                 line = {"chat": chat, "text": text[:60], "updates": did, "heard": heard}
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -1078,6 +1112,7 @@ def _report(
             "confirmations": len(expected),
             "duplicated": duplicated_tickets,
             "missing": missing_tickets,
+            "confirmed_content_not_last_message": not_last,
         },
         "updates": {
             "answered": len(lat_all),

@@ -37,6 +37,7 @@ def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_tic
     # citizens answer the bot's questions and press its buttons: most of a conversation's updates are not texts
     assert result["tickets"]["confirmations"] >= 6
     assert result["tickets"]["created"] >= result["tickets"]["confirmations"]
+    assert result["tickets"]["confirmed_content_not_last_message"] == 0  # nobody wrote before an answer came
     assert result["fake_server"]["calls"]["answerCallbackQuery"] >= result["tickets"]["confirmations"]
     assert result["updates"]["answered"] > 12 * 2
 
@@ -45,7 +46,13 @@ def test_a_flood_sends_only_text_messages_and_each_gets_an_answer():
     result = _run(messages_per_citizen=2, mix="flood")
     _guarantees_hold(result)
     assert result["throughput"]["updates_total"] == 12 * 2
-    assert result["tickets"] == {"created": 0, "confirmations": 0, "duplicated": 0, "missing": 0}
+    assert result["tickets"] == {
+        "created": 0,
+        "confirmations": 0,
+        "duplicated": 0,
+        "missing": 0,
+        "confirmed_content_not_last_message": 0,
+    }
     assert "answerCallbackQuery" not in result["fake_server"]["calls"]
 
 

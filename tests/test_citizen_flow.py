@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from bot.bench_e2e import summary_content
 from bot.citizen import handle_citizen
 from bot.console import ConsoleChannel
 from bot.messages import Incoming
@@ -143,6 +144,8 @@ def test_a_message_written_while_a_request_awaits_confirmation_is_added_and_the_
     [r] = say(services, "每天晚上十点以后最吵")
     assert r.text.startswith("已把您刚发的这条消息补充到") and "另一件事" in r.text
     assert "内容：烧烤摊占道经营油烟太大\n每天晚上十点以后最吵" in r.text
+    # the load bench reads the content a citizen confirms off this summary (hotline bench e2e)
+    assert summary_content(r.text) == "烧烤摊占道经营油烟太大\n每天晚上十点以后最吵"
     # the summary shown before the message does not file the longer content: it shows the new one again
     [again] = press(services, f"d:ok:{token}")
     assert again.text.startswith("这条诉求的内容在您按按钮前有了更新")
