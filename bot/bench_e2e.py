@@ -49,8 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.texts import SUMMARY_CHANGED
-
 log = logging.getLogger(__name__)
 
 TOKEN = "100001:BENCH-TOKEN"
@@ -153,7 +151,6 @@ class Citizen:
     last_update: dict[str, Any] | None = None
     answers: bool = True  # False (mix "flood"): sends its messages and answers none of the bot's questions
     confirmed: str | None = None  # the content of the summary whose confirm button it pressed last
-    filing: int | None = None  # that confirmation's place in the expected tickets, until the bot answers it
 
     @property
     def text(self) -> str:
@@ -219,6 +216,30 @@ def summary_content(summary: str) -> str | None:
     if start < 0 or end < 0:
         return None
     return summary[start + len("\n内容：") : end]
+
+
+def superseded_confirms(sent: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(chat, confirm button) of summaries superseded before their confirmation could file them: the bot said
+    a later message was added to the request (a new summary with a new token), and the request was not filed
+    in between. Read off the bot's messages in the order it sent them (a chat's steps run in order)."""
+    from bot import texts
+
+    filed = tuple(
+        t.split("{")[0] for t in ("✅ 已受理", texts.REVIEW_QUEUED, texts.CANCELLED, texts.JOINED, texts.KB_SOLVED)
+    )
+    draft: dict[str, list[str]] = {}  # chat -> confirm buttons shown since its last request was filed
+    out: set[tuple[str, str]] = set()
+    for m in sent:
+        chat, text = m["chat_id"], m.get("text", "")
+        confirm = next((data for data, _ in buttons_of(m) if data.startswith("d:ok:")), None)
+        if text.startswith(texts.TEXT_ADDED):
+            out.update((chat, old) for old in draft.get(chat, []) if old != confirm)
+            draft[chat] = [confirm] if confirm else []
+        elif confirm:
+            draft.setdefault(chat, []).append(confirm)
+        elif text.startswith(filed):
+            draft.pop(chat, None)
+    return out
 
 
 # --------------------------------------------------------------------------- talking to the fake server
@@ -701,7 +722,8 @@ def _drive(
     sent_next = 0
     all_sent: list[dict[str, Any]] = []
     pushed: list[dict[str, Any]] = []  # every citizen update: chat, id, at, what, emergency
-    expected_tickets: list[tuple[int, str, str] | None] = []  # chat, content confirmed, latest text written
+    # chat, content confirmed, the latest text written, the button pressed
+    expected_tickets: list[tuple[int, str, str, str]] = []
     flood_refusals = 0
     deadline = t0 + cap
     restart_pending: float | None = None
@@ -741,9 +763,6 @@ def _drive(
             elif c.state == "waiting":
                 w = c.waiting
                 if any(m["at"] >= w.at for m in c.heard):
-                    if c.filing is not None and any(m["text"].startswith(SUMMARY_CHANGED) for m in c.heard):
-                        expected_tickets[c.filing] = None  # a superseded summary: the press filed nothing
-                    c.filing = None
                     if any("发送得太快" in m["text"] for m in c.heard):
                         flood_refusals += 1
                         c.resend = c.last_update
@@ -761,8 +780,7 @@ def _drive(
                     c.state = "between"
                     continue
                 if what and update["data"].startswith(("d:ok:", "kb:yes:")):
-                    c.filing = len(expected_tickets)
-                    expected_tickets.append((c.chat, c.confirmed or c.text, c.text))
+                    expected_tickets.append((c.chat, c.confirmed or c.text, c.text, update["data"]))
                 batch.append((c, update, update["kind"], False))
             elif c.state == "between" and now >= c.act_at:
                 update = c.next_message()
@@ -810,7 +828,7 @@ def _drive(
         clean,
         pushed,
         all_sent,
-        [e for e in expected_tickets if e is not None],
+        expected_tickets,
         events,
         db,
         flood_refusals,
@@ -919,7 +937,7 @@ def _report(
     clean: tuple[float, float],
     pushed: list[dict[str, Any]],
     sent: list[dict[str, Any]],
-    expected: list[tuple[int, str, str]],
+    expected: list[tuple[int, str, str, str]],
     events: list[dict[str, Any]],
     db: Database,
     flood_refusals: int,
@@ -1010,12 +1028,14 @@ def _report(
     span = clean[1] - clean[0]
 
     # tickets: one per confirmation
+    superseded = superseded_confirms(sent)
+    expected = [e for e in expected if (str(e[0]), e[3]) not in superseded]
     made: Counter[tuple[int, str]] = Counter()
     for ext, text, n in tickets:
         if ext.isdigit():
             made[(int(ext), text[:300])] += n  # as far as a summary shows it
-    want = Counter((chat, content) for chat, content, _ in expected)
-    not_last = sum(1 for _, content, latest in expected if content != latest)
+    want = Counter((chat, content) for chat, content, _, _ in expected)
+    not_last = sum(1 for _, content, latest, _ in expected if content != latest)
     duplicated_tickets = sum(max(0, made[k] - 1) for k in made)
     missing_tickets = sum(1 for k in want if made[k] == 0)
     if workdir is not None and missing_tickets:  # what each such citizen sent and heard, to find out why

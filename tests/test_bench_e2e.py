@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.bench_e2e import bench_e2e
+from bot import texts
+from bot.bench_e2e import bench_e2e, superseded_confirms
 from tests.conftest import PG_URL
 
 URL = PG_URL if PG_URL.startswith("postgresql") else None
@@ -59,3 +60,17 @@ def test_a_flood_sends_only_text_messages_and_each_gets_an_answer():
 def test_an_unknown_mix_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="conversations, flood"):
         bench_e2e(citizens=1, mix="everyone-at-once")
+
+
+def test_a_confirmation_that_filed_before_a_later_message_was_added_is_still_expected():
+    def summary(token, note=""):
+        return {"chat_id": "7", "text": f"{note}请确认您的诉求：…", "buttons": [["✅ 确认提交", f"d:ok:{token}"]]}
+
+    sent = [
+        summary("a1"),
+        {"chat_id": "7", "text": "✅ 已受理，工单号 20261203-000001", "buttons": []},
+        summary("b1"),
+        summary("b2", note=texts.TEXT_ADDED + "\n"),
+        summary("x1") | {"chat_id": "8"},  # another chat's draft is not touched
+    ]
+    assert superseded_confirms(sent) == {("7", "d:ok:b1")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from bot.bench_e2e import summary_content
+from bot.bench_e2e import summary_content, superseded_confirms
 from bot.citizen import handle_citizen
 from bot.console import ConsoleChannel
 from bot.messages import Incoming
@@ -152,10 +152,17 @@ def test_a_message_written_while_a_request_awaits_confirmation_is_added_and_the_
     assert "内容：烧烤摊占道经营油烟太大\n每天晚上十点以后最吵" in again.text
     with db() as s:
         assert s.scalars(select(Ticket)).all() == []
-    [r] = press(services, again.buttons[0][0].data)
-    assert "已受理，工单号" in r.text
+    [filed] = press(services, again.buttons[0][0].data)
+    assert "已受理，工单号" in filed.text
     with db() as s:
         assert s.scalars(select(Ticket.original_text)).one() == "烧烤摊占道经营油烟太大\n每天晚上十点以后最吵"
+    # the load bench tells such a superseded confirmation from the chat's messages (it files nothing)
+    first = {"chat_id": "42", "text": "请确认您的诉求：…", "buttons": [["✅ 确认提交", f"d:ok:{token}"]]}
+    sent = [first] + [
+        {"chat_id": "42", "text": x.text, "buttons": [[b.label, b.data] for row in x.buttons for b in row]}
+        for x in (r, again, filed)
+    ]
+    assert superseded_confirms(sent) == {("42", f"d:ok:{token}")}
 
 
 def test_kb_answer_then_not_solved_becomes_a_ticket(services, db):
