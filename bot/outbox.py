@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 12
 CLAIM_TIMEOUT = timedelta(seconds=60)  # issue 8: was 2 min; sends stop after SEND_WINDOW
 SEND_WINDOW = timedelta(seconds=20)
+# issue 8: a send's record that meets a database outage is tried again this often, for this long: a send starts
+# at most SEND_WINDOW into its claim (60 s) and a step's reply at once (its claim: REPLY_CLAIM, 45 s), so the
+# record still lands before the claim ends and the message is not sent again
+RECORD_RETRY_EVERY = 1.0
+RECORD_RETRY_FOR = 20.0
 # issue 8: an emergency notice (outbox kind URGENT) is tried again after URGENT_FIRST_RETRY seconds, doubling,
 # after a failed send, instead of 2 s, 4 s ... as other messages are
 URGENT_FIRST_RETRY = 0.5
@@ -345,13 +351,27 @@ class ResultRecorder:
         # record waits there is a millisecond in which a crash makes a sent message go out again
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-record")
         self._group = GroupCommit(self._write, self._thread)
+        # the bot is stopping: a write that meets an outage gives up at once (its messages' claims end and they
+        # go out again after the restart, flagged as possibly sent twice)
+        self.stopping: Callable[[], bool] = lambda: False
 
     def _write(self, items: list[tuple[int, SendResult]]) -> None:
+        """issue 8: a database outage longer than ``with_db_retry``'s quick retries (a restart takes seconds)
+        is waited out, every ``RECORD_RETRY_EVERY`` s for ``RECORD_RETRY_FOR`` s, well inside the messages'
+        claims: a delivered message whose record was dropped would be sent a second time when its claim ends.
+        Its callers (and the chat's next step) wait meanwhile, as they would for the database anyway."""
         batch = dict(items)  # a message recorded twice meanwhile: its last result
-        try:
-            record_results(self.factory, batch)
-        except Exception:  # the claims end and these messages are tried again
-            log.exception("could not record %d sends", len(batch))
+        give_up = time.monotonic() + RECORD_RETRY_FOR
+        while True:
+            try:
+                record_results(self.factory, batch)
+                return
+            except Exception as err:
+                if not is_disconnect(err) or self.stopping() or time.monotonic() >= give_up:
+                    log.exception("could not record %d sends", len(batch))  # their claims end: sent again
+                    return
+                log.warning("database away while recording %d sends; trying again", len(batch))
+            time.sleep(RECORD_RETRY_EVERY)
 
     async def record(self, msg_id: int, result: SendResult) -> None:
         await self._group((msg_id, result))

@@ -940,6 +940,7 @@ def build_application(
     hb.inbox.accepts = lambda u: any(h.check_update(u) for h in app.handlers.get(0, []))
     hb.inbox.on_arrival = partial(hb.notice_on_arrival, bot)
     hb.app = app
+    hb.recorder.stopping = lambda: not app.running
     if app.job_queue is not None:
         app.job_queue.run_repeating(hb.flush_outbox, interval=outbox_interval, first=0.5, name="outbox")
         app.job_queue.run_repeating(hb.recover_updates, interval=RECOVER_EVERY, first=0.3, name="inbox")

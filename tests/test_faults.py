@@ -13,12 +13,13 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.exc import OperationalError
 
 from bot.citizen import handle_citizen
 from bot.fake_bot_api import FakeBotAPI
 from bot.inbox import Step, record_updates
 from bot.messages import Incoming, Reply
-from bot.outbox import claim_batch, enqueue
+from bot.outbox import ResultRecorder, SendResult, claim_batch, enqueue
 from bot.services import Services
 from bot.telegram_app import FOLLOW_UP, BatchingTriage, build_application
 from models.catalog import load_catalog
@@ -478,6 +479,56 @@ def test_a_connection_dropped_while_recording_a_sent_card_does_not_send_the_card
     with db() as s:
         assert len(s.scalars(select(TicketCard).where(TicketCard.chat_id == UNIT_CHAT)).all()) == 1
     assert [n for (chat, body), n in delivered(api).items() if chat == str(UNIT_CHAT)] == [1]
+
+
+class DatabaseAway:
+    """A session factory whose database is away for the first ``n`` transactions (a restart, as the bot sees it)."""
+
+    def __init__(self, factory, n: int) -> None:
+        self.factory, self.left = factory, n
+
+    def begin(self):
+        if self.left > 0:
+            self.left -= 1
+            raise OperationalError("COMMIT", {}, ConnectionError("the database system is starting up"))
+        return self.factory.begin()
+
+
+def test_a_send_whose_record_meets_a_database_restart_is_recorded_after_it_and_not_sent_again(
+    services, db, clock, monkeypatch
+):
+    """issue 8: the message reached Telegram; the database is away for longer than the quick retries (a restart
+    takes seconds). The record waits it out, so the message is not sent a second time when its claim ends."""
+    import bot.outbox
+
+    monkeypatch.setattr(bot.outbox, "RECORD_RETRY_EVERY", 0.01)
+    with db.begin() as s:
+        enqueue(s, channel="telegram", chat_id="-1001", reply=Reply("工单 20261123-000001 即将超期"), kind="urge")
+    [row] = claim_batch(db, "telegram", limit=1)
+    away = DatabaseAway(db, n=6)  # with_db_retry tries a transaction 4 times
+    asyncio.run(ResultRecorder(away).record(row.id, SendResult(ok=True, message_id=501)))
+    assert away.left == 0
+    with db() as s:
+        got = s.get(OutboxMessage, row.id)
+        assert (got.status, got.sent_message_id) == ("sent", 501)
+    clock.advance(minutes=5)  # long past the claim
+    assert claim_batch(db, "telegram", limit=10) == []
+
+
+def test_a_send_record_gives_up_at_once_when_the_bot_is_stopping(services, db, monkeypatch):
+    import bot.outbox
+
+    monkeypatch.setattr(bot.outbox, "RECORD_RETRY_EVERY", 0.01)
+    with db.begin() as s:
+        enqueue(s, channel="telegram", chat_id="-1001", reply=Reply("催办"), kind="urge")
+    [row] = claim_batch(db, "telegram", limit=1)
+    away = DatabaseAway(db, n=100)
+    recorder = ResultRecorder(away)
+    recorder.stopping = lambda: True
+    asyncio.run(recorder.record(row.id, SendResult(ok=True, message_id=501)))
+    assert away.left == 96  # the quick retries only: the restart sends it again, flagged
+    with db() as s:
+        assert s.get(OutboxMessage, row.id).status != "sent"
 
 
 class SlowModel:
