@@ -74,6 +74,7 @@ try:  # issue 8: httpcore 1.0 tries `import sniffio` on every request; when it i
     import sniffio  # noqa: F401  import walks sys.path on disk (0.05-0.7 ms a request measured here).
 except ImportError:  # Note its absence once, as a finished import would.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
+QUEUE_NOTICE_EVERY = 60.0  # seconds: a chat is told its message waits in a queue at most this often
 SLOW_STEP = 2.0  # seconds from update to first reply worth a warning in the log
 RECOVER_EVERY = 5.0  # seconds between looks for updates left pending (issue 8)
 # issue 8: a step that met a database or triage outage is tried again this often, for this long (a database
@@ -422,15 +423,27 @@ class BatchingTriage:
     worker or a database connection (the channel calls it for plain text that will most likely be a new
     request): messages arriving together are triaged together by one background runner, however few step
     workers there are, and the step later finds its result ready. A prefetched result nobody asks for is
-    forgotten after ``PREFETCH_TTL`` seconds."""
+    forgotten after ``PREFETCH_TTL`` seconds.
+
+    ``expected_wait(text)`` estimates how long a prefetched text will wait for its answer from the queue ahead
+    of it and the model's recent seconds per message, so the channel can tell a citizen at once that a peak of
+    messages holds theirs up (``texts.QUEUED``)."""
 
     PREFETCH_TTL = 60.0
+    PER_TEXT_GUESS = 0.05  # seconds per message before any batch was timed
+    SMOOTHING = 0.3  # weight of the newest batch in the seconds-per-message estimate
 
     def __init__(
-        self, brain: Callable[[str], dict[str, Any]], many: Callable[[list[str]], list[dict]]
+        self,
+        brain: Callable[[str], dict[str, Any]],
+        many: Callable[[list[str]], list[dict]],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.brain, self.many = brain, many
+        self.brain, self.many, self.clock = brain, many, clock
         self.max_batch = 16
+        self.per_text: float | None = None  # smoothed seconds per message of the batches run since loading
+        self._loading = self._loaded = False
+        self._in_flight = 0  # texts in the batch being run
         self._cond = threading.Condition()
         self._queue: list[tuple[str, dict[str, Any]]] = []
         self._busy = False
@@ -444,8 +457,24 @@ class BatchingTriage:
 
     def load(self) -> None:
         load = getattr(self.brain, "load", None)
+        self._loading = True
         if callable(load):
             load()
+        self._loaded = True
+
+    def expected_wait(self, text: str) -> float:
+        """Seconds until ``text``'s prefetched triage is likely done: the texts ahead of it and its own, at the
+        recent seconds per message (infinite while the model is still loading; 0 when not queued)."""
+        with self._cond:
+            if self._loading and not self._loaded:
+                return float("inf")
+            found = self._prefetched.get(text)
+            if found is None or "result" in found[1]:
+                return 0.0
+            slot = found[1]
+            position = next((i for i, (_, s) in enumerate(self._queue) if s is slot), None)
+            ahead = self._in_flight + (position + 1 if position is not None else 0)
+            return ahead * (self.per_text if self.per_text is not None else self.PER_TEXT_GUESS)
 
     def prefetch(self, text: str) -> None:
         """Start triaging ``text`` in the background (returns at once)."""
@@ -476,7 +505,10 @@ class BatchingTriage:
         """Run the next batch (called holding the lock, which is released during the model call)."""
         self._busy = True
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._in_flight = len(batch)
         results: list[Any] = [RuntimeError("triage interrupted")] * len(batch)
+        timed = self._loaded or not self._loading  # one that waited for the model to load: not its speed
+        started = self.clock()
         self._cond.release()
         try:
             out = list(self.many([t for t, _ in batch]))
@@ -485,8 +517,15 @@ class BatchingTriage:
             results = out
         except Exception as err:  # each caller gets the error, as a lone call would
             results = [err] * len(batch)
+            timed = False
         finally:
             self._cond.acquire()
+            if timed:
+                took = (self.clock() - started) / len(batch)
+                self.per_text = (
+                    took if self.per_text is None else self.per_text + self.SMOOTHING * (took - self.per_text)
+                )
+            self._in_flight = 0
             self.batches.append(len(batch))
             for (_, waiting), result in zip(batch, results, strict=True):
                 waiting["result"] = result
@@ -535,6 +574,42 @@ class BatchingTriage:
         return cls(brain, many) if callable(many) else brain
 
 
+class StepLoad:
+    """issue 8: how many citizen steps wait for one of the step workers, and how long a step has taken lately
+    (smoothed), so the channel can tell at once how long a new message will likely wait for a worker."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, workers: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.workers, self.clock = workers, clock
+        self.waiting = 0
+        self.per_step = 0.0
+        self._lock = threading.Lock()
+
+    def wrap(self, run: Callable[[], Any]) -> Callable[[], Any]:
+        """``run`` counted as waiting from now until a worker starts it, and timed while it runs."""
+        with self._lock:
+            self.waiting += 1
+
+        def counted() -> Any:
+            with self._lock:
+                self.waiting = max(0, self.waiting - 1)
+            started = self.clock()
+            try:
+                return run()
+            finally:
+                took = self.clock() - started
+                with self._lock:
+                    self.per_step += self.SMOOTHING * (took - self.per_step)
+
+        return counted
+
+    def expected_wait(self) -> float:
+        """Seconds a step queued now would likely wait for a worker and run."""
+        with self._lock:
+            return (self.waiting // self.workers + 1) * self.per_step
+
+
 class HotlineBot:
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -547,6 +622,7 @@ class HotlineBot:
         self.steps = ThreadPoolExecutor(
             max_workers=get_settings().step_workers, thread_name_prefix="hotline-step"
         )
+        self.step_load = StepLoad(get_settings().step_workers)
         self.urgent = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotline-urgent")
         self.started_at = now()
         self._recovered_once = False
@@ -557,6 +633,7 @@ class HotlineBot:
         # update id -> its emergency notice being sent since the update arrived, or None: screened on arrival,
         # no emergency (see ``notice_on_arrival``)
         self.early_notices: OrderedDict[int, asyncio.Task | None] = OrderedDict()
+        self.queue_noticed: OrderedDict[str, float] = OrderedDict()  # chat -> when it was last told to wait
 
     def handle(self, incoming: Incoming) -> list[Reply]:
         """Route to the citizen's or the government side's conversation (plain, blocking)."""
@@ -631,6 +708,8 @@ class HotlineBot:
             await self._mark(update.update_id, "flood")
             return
         prefetched = self._prefetch_triage(incoming)
+        if incoming.is_private and early is None and not incoming.callback and not incoming.command:
+            self._tell_if_queued(context.bot, incoming.chat_id, prefetched)
         async with self.locks[incoming.chat_id]:
             await self._step(context.bot, update.update_id, incoming, arrived, early, prefetched)
 
@@ -686,6 +765,30 @@ class HotlineBot:
             prefetch(text)
             return text
         return None
+
+    def _tell_if_queued(self, bot, chat_id: str, prefetched: str | None) -> None:
+        """issue 8: in a peak, a citizen's message can wait many seconds for the triage model (a new request,
+        ``prefetched``) and then for a step worker; when the expected wait reaches the setting
+        ``queue_notice_after_s`` the citizen is told at once that it was received (``texts.QUEUED``), at most
+        once a minute per chat, so they do not write it again. Sent directly and not kept in the outbox: if it
+        fails, the answer itself still comes."""
+        after = get_settings().queue_notice_after_s
+        if not after:
+            return
+        wait = self.step_load.expected_wait()
+        triage_wait = getattr(self.services.triage, "expected_wait", None)
+        if prefetched is not None and triage_wait is not None:
+            wait += triage_wait(prefetched)
+        if wait < after:
+            return
+        at = time.monotonic()
+        if at - self.queue_noticed.get(chat_id, -QUEUE_NOTICE_EVERY) < QUEUE_NOTICE_EVERY:
+            return
+        self.queue_noticed[chat_id] = at
+        self.queue_noticed.move_to_end(chat_id)
+        while len(self.queue_noticed) > 10_000:
+            self.queue_noticed.popitem(last=False)
+        self._background(send_reply(bot, chat_id, Reply(texts.QUEUED)), "could not send the queue notice")
 
     def _note_state(self, chat_id: str, state: str | None) -> None:
         if state is None:
@@ -795,7 +898,8 @@ class HotlineBot:
         told = False
         while True:
             try:
-                return await loop.run_in_executor(executor, run)
+                counted = self.step_load.wrap(run) if executor is self.steps else run
+                return await loop.run_in_executor(executor, counted)
             except Overtaken:
                 step.in_order = False  # once: an earlier update that cannot be done now must not block this one
                 try:

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     step_workers: int = Field(
         default=6, ge=1, le=8, description="Telegram channel: conversation steps run at once (issue 8)"
     )
+    queue_notice_after_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Telegram channel: a new request expected to wait this many seconds or more for the triage "
+        "model is told at once that it was received (0: never)",
+    )
     triage_server: str = Field(
         default="",
         description="address of a shared triage server (`hotline triage-serve`): a socket path or host:port",

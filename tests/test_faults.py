@@ -631,6 +631,165 @@ def test_a_step_waits_for_its_prefetched_triage_without_holding_a_worker():
     assert len(model.batches) == 1, "the step used the prefetched result, not a second model call"
 
 
+class HeldModel:
+    """The product's triage model answering batches (``triage_many``) with ``fake_triage``; the first batch is
+    held until told to go, as a model busy with a peak of messages."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.go = threading.Event()
+
+    def __call__(self, text: str) -> dict:
+        return self.triage_many([text])[0]
+
+    def triage_many(self, texts: list[str]) -> list[dict]:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            self.go.wait(10)
+        return [fake_triage(t) for t in texts]
+
+
+def test_the_expected_wait_counts_the_messages_ahead_at_the_models_recent_speed():
+    """issue 8: a prefetched text's wait is the batch being run plus the texts queued up to and including it,
+    at the smoothed seconds per message of the batches timed so far; none once it is answered."""
+    clock = [100.0]
+    model = SlowModel()
+
+    def many(batch: list[str]) -> list[dict]:
+        out = model.triage_many(batch)
+        clock[0] += 0.2 * len(batch)  # this model takes 0.2 s per message
+        return out
+
+    triage = BatchingTriage(model, many, clock=lambda: clock[0])
+    triage.prefetch("第一条")  # taken by the runner and held
+    deadline = time.monotonic() + 10
+    while not model.batches and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for i in range(2, 6):
+        triage.prefetch(f"第{i}条")
+    guess = BatchingTriage.PER_TEXT_GUESS
+    assert triage.expected_wait("第一条") == pytest.approx(1 * guess)  # nothing timed yet: the guess
+    assert triage.expected_wait("第5条") == pytest.approx(5 * guess)  # one in the model, four queued
+    model.go.set()
+    assert triage("第5条")["echo"] == "第5条"
+    assert triage.per_text == pytest.approx(0.2)
+    assert triage.expected_wait("第5条") == 0.0  # answered: nothing to wait for
+    assert triage.expected_wait("没排队的话") == 0.0
+
+
+def test_steps_waiting_for_a_worker_add_their_turns_to_the_expected_wait():
+    """issue 8: with two workers busy and steps taking 0.5 s lately, a step queued behind five others waits
+    for three turns of the workers (its own included); one started is no longer waiting."""
+    from bot.telegram_app import StepLoad
+
+    clock = [0.0]
+    load = StepLoad(workers=2, clock=lambda: clock[0])
+
+    def step() -> str:
+        clock[0] += 0.5
+        return "done"
+
+    for _ in range(20):  # the recent steps took 0.5 s each
+        assert load.wrap(step)() == "done"
+    assert load.per_step == pytest.approx(0.5, rel=0.01)
+    assert load.expected_wait() == pytest.approx(0.5, rel=0.01)  # nobody waiting: its own step
+    queued = [load.wrap(step) for _ in range(5)]
+    assert load.waiting == 5
+    assert load.expected_wait() == pytest.approx(1.5, rel=0.01)  # 5 // 2 turns ahead, then its own
+    queued[0]()
+    assert load.waiting == 4 and load.expected_wait() == pytest.approx(1.5, rel=0.01)
+    for run in queued[1:]:
+        run()
+    assert load.waiting == 0
+
+
+def test_the_expected_wait_is_unbounded_while_the_model_is_still_loading():
+    """A bot that has just started loads its model for tens of seconds: every new request waits for it."""
+    loaded = threading.Event()
+
+    class Loading(SlowModel):
+        def load(self) -> None:
+            loaded.wait(10)
+
+    model = Loading()
+    model.go.set()
+    triage = BatchingTriage.wrap(model)
+    loader = threading.Thread(target=triage.load)
+    loader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not triage._loading and time.monotonic() < deadline:
+            time.sleep(0.001)
+        triage.prefetch("路灯不亮")
+        assert triage.expected_wait("路灯不亮") == float("inf")
+    finally:
+        loaded.set()
+        loader.join(10)
+    assert triage("路灯不亮")["echo"] == "路灯不亮"
+
+
+def test_in_a_peak_a_citizen_whose_request_waits_is_told_at_once_and_only_once(services, db):
+    """issue 8: the model is busy and has been taking 1.5 s per message. A request with one message ahead of
+    it (3 s expected) is told at once that it was received and queued; the one being triaged (1.5 s) is not
+    told; the same citizen's next message within a minute gets no second notice. Both get their answers."""
+    from dataclasses import replace
+
+    from bot import texts
+
+    model = HeldModel()
+    other = CITIZEN + 1
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(replace(services, triage=model), api) as bot:
+            triage = bot.hotline.services.triage
+            triage.per_text = 1.5  # as measured on the batches before this peak
+            api.message(other, "小区门口的路灯坏了一个星期了，晚上很黑")
+            await until(lambda: model.batches)  # in the model, held
+            api.message(CITIZEN, "烧烤摊油烟太大，晚上根本没法开窗")
+            await until(lambda: api.sent_to(CITIZEN))
+            assert [m.text for m in api.sent_to(CITIZEN)] == [texts.QUEUED]
+            api.message(CITIZEN, "而且每天都营业到凌晨两点")
+            await until(lambda: len(triage._queue) >= 2)  # both of this citizen's texts wait
+            model.go.set()
+            await until(lambda: len(api.sent_to(CITIZEN)) >= 2 and api.sent_to(other))
+            await asyncio.sleep(0.3)  # anything else on its way
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    told = [m.text for m in api.sent_to(CITIZEN)]
+    assert told[0] == texts.QUEUED and told.count(texts.QUEUED) == 1
+    assert "事发地点" in told[1]  # then the request itself, taken up
+    assert all(m.text != texts.QUEUED for m in api.sent_to(other))
+    assert "路灯坏了一个星期" in api.sent_to(other)[0].text  # its summary to confirm, nothing before it
+
+
+def test_no_queue_notice_when_the_model_keeps_up(services, db):
+    """A quiet day: the model answers in tens of milliseconds, so a citizen gets the answer and nothing else."""
+    from dataclasses import replace
+
+    from bot import texts
+
+    model = HeldModel()
+    model.go.set()
+    api = FakeBotAPI().start()
+
+    async def scenario():
+        async with Bot(replace(services, triage=model), api):
+            api.message(CITIZEN, "烧烤摊油烟太大，晚上根本没法开窗")
+            await until(lambda: api.sent_to(CITIZEN))
+            await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.stop()
+    told = [m.text for m in api.sent_to(CITIZEN)]
+    assert texts.QUEUED not in told and "事发地点" in told[0]
+
+
 def test_a_message_that_found_the_triage_model_away_is_answered_once_it_is_back(services, db, clock):
     """The triage server restarts (or the model process died twice): the citizen is told the message is in,
     the update stays pending instead of being given up, and the replay answers it properly."""
