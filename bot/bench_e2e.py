@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot import texts
+
 log = logging.getLogger(__name__)
 
 TOKEN = "100001:BENCH-TOKEN"
@@ -59,6 +61,7 @@ KILL_WINDOW_S = 1.0  # a double send whose first copy left this long before the 
 DB_OUTAGE_S = 3.0  # the "db_outage" fault: how long every connection of the bot is cut as soon as it appears
 REPLY_TIMEOUT = 20.0  # a citizen who hears nothing for this long stops waiting (checked again at the end)
 FOLLOW_UP = "也可以点按钮："  # the second message of a reply that carries two keyboards
+QUEUED = texts.QUEUED  # "received, please wait": a first reply, but not yet the answer
 
 # --------------------------------------------------------------------------- what citizens write
 
@@ -222,8 +225,6 @@ def superseded_confirms(sent: list[dict[str, Any]]) -> set[tuple[str, str]]:
     """(chat, confirm button) of summaries superseded before their confirmation could file them: the bot said
     a later message was added to the request (a new summary with a new token), and the request was not filed
     in between. Read off the bot's messages in the order it sent them (a chat's steps run in order)."""
-    from bot import texts
-
     filed = tuple(
         t.split("{")[0] for t in ("✅ 已受理", texts.REVIEW_QUEUED, texts.CANCELLED, texts.JOINED, texts.KB_SOLVED)
     )
@@ -740,7 +741,7 @@ def _drive(
         for s in got["sent"]:
             all_sent.append(s)
             c = people.get(_int(s["chat_id"]))
-            if c is not None and s["text"] != FOLLOW_UP:
+            if c is not None and s["text"] not in (FOLLOW_UP, QUEUED):  # a citizen told to wait, waits
                 c.heard.append(s)
         # 2. the faults
         while plan_at and now >= plan_at[0][0]:
@@ -950,11 +951,15 @@ def _report(
     from models.tables import Citizen as CitizenRow
     from models.tables import OutboxMessage, Ticket
 
+    # first replies: any message; answers: not the "please wait" notice of a peak
     by_chat: dict[str, list[float]] = {}
+    answers_by_chat: dict[str, list[float]] = {}
     for s in sent:
         if s["text"] != FOLLOW_UP:
             by_chat.setdefault(s["chat_id"], []).append(s["at"])
-    for v in by_chat.values():
+            if s["text"] != QUEUED:
+                answers_by_chat.setdefault(s["chat_id"], []).append(s["at"])
+    for v in (*by_chat.values(), *answers_by_chat.values()):
         v.sort()
     import bisect
 
@@ -989,6 +994,7 @@ def _report(
     engine.dispose()
 
     lat_all, lat_clean, lat_em_clean, lat_em_all, lat_fault = [], [], [], [], []
+    answer_all, answer_clean = [], []
     lost, queued, late = [], 0, 0
     faults_from = min((e["at"] for e in events), default=float("inf"))
     # emergencies sent while each fault was the latest one injected (until the next; the last until the end):
@@ -996,16 +1002,20 @@ def _report(
     phases = sorted((e["at"], e["fault"]) for e in events if e["fault"] != "bot_restarted")
     lat_em_phase: dict[str, list[float]] = {}
     for p in pushed:
-        times = by_chat.get(str(p["chat"]), [])
-        k = bisect.bisect_left(times, p["at"])
-        if k == len(times):
+        answers = answers_by_chat.get(str(p["chat"]), [])
+        j = bisect.bisect_left(answers, p["at"])
+        if j == len(answers):  # nothing but "please wait" (or nothing at all) came after it
             if str(p["chat"]) in queued_chats:
                 queued += 1
             else:
                 lost.append(p)
             continue
-        latency = times[k] - p["at"]
-        late += latency > REPLY_TIMEOUT
+        answer_all.append(answers[j] - p["at"])
+        if clean[0] <= p["at"] < clean[1]:
+            answer_clean.append(answers[j] - p["at"])
+        times = by_chat[str(p["chat"])]
+        latency = times[bisect.bisect_left(times, p["at"])] - p["at"]  # the first reply: an answer or a notice
+        late += answers[j] - p["at"] > REPLY_TIMEOUT
         lat_all.append(latency)
         if p["emergency"]:
             lat_em_all.append(latency)
@@ -1050,9 +1060,8 @@ def _report(
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     # outbox: each row delivered once (compared by chat and text with what the fake server received)
-    from bot import texts
 
-    direct_only = {FOLLOW_UP, texts.FLOOD, texts.BUSY}  # sent without an outbox row when all goes well
+    direct_only = {FOLLOW_UP, texts.FLOOD, texts.BUSY, QUEUED}  # sent without an outbox row when all goes well
     sends = Counter((s["chat_id"], s["text"]) for s in sent if s["text"] not in direct_only)
     rows_sent = Counter((r.chat_id, r.text) for r in rows if r.status == "sent" and r.text not in direct_only)
     rows_all = Counter((r.chat_id, r.text) for r in rows if r.text not in direct_only)
@@ -1126,6 +1135,10 @@ def _report(
         },
         "first_reply_during_faults": _summary(lat_fault),
         "first_reply_whole_run": _summary(lat_all),
+        # the first message that is not the "received, please wait" notice sent at once in a peak
+        "first_answer_clean": _summary(answer_clean),
+        "first_answer_whole_run": _summary(answer_all),
+        "queue_notices": sum(1 for s in sent if s["text"] == QUEUED),
         "timeline_5s": {t: [len(v), _pct(v, 50), _pct(v, 95)] for t, v in sorted(timeline.items())},
         "tickets": {
             "created": n_tickets,

@@ -30,6 +30,7 @@ def _guarantees_hold(result: dict) -> None:
     }
     assert result["updates"]["lost"] == 0 and result["updates"]["still_queued"] == 0
     assert result["first_reply_whole_run"]["n"] == result["throughput"]["updates_total"]
+    assert result["first_answer_whole_run"]["n"] == result["throughput"]["updates_total"]
 
 
 def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_ticket():
