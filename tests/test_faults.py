@@ -532,12 +532,14 @@ def test_a_send_record_gives_up_at_once_when_the_bot_is_stopping(services, db, m
 
 
 class SlowModel:
-    """A triage model that answers batches; the first batch is held until told to go."""
+    """A triage model that answers batches (``answer`` per text: an echo by default); the first batch is held
+    until told to go, as a model busy with a peak of messages."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, answer=None) -> None:
         self.batches: list[list[str]] = []
         self.go = threading.Event()
         self.fail = fail
+        self.answer = answer or (lambda t: {"verdict": "accept", "echo": t})
 
     def __call__(self, text: str) -> dict:
         return self.triage_many([text])[0]
@@ -548,7 +550,14 @@ class SlowModel:
             self.go.wait(10)
         if self.fail:
             raise RuntimeError("model file unreadable")
-        return [{"verdict": "accept", "echo": t} for t in texts]
+        return [self.answer(t) for t in texts]
+
+
+def _soon(predicate, timeout: float = 10) -> None:
+    """Wait (in a plain thread) until ``predicate()`` holds, e.g. until the model's first batch is inside it."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _call_together(model: SlowModel, n: int) -> tuple[BatchingTriage, list]:
@@ -563,13 +572,10 @@ def _call_together(model: SlowModel, n: int) -> tuple[BatchingTriage, list]:
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     threads[0].start()
-    deadline = time.monotonic() + 10
-    while not model.batches and time.monotonic() < deadline:
-        time.sleep(0.001)  # until the first call is inside the model
+    _soon(lambda: model.batches)  # until the first call is inside the model
     for t in threads[1:]:
         t.start()
-    while len(triage._queue) < n - 1 and time.monotonic() < deadline:
-        time.sleep(0.001)  # until the others are queued behind it
+    _soon(lambda: len(triage._queue) >= n - 1)  # until the others are queued behind it
     model.go.set()
     for t in threads:
         t.join(10)
@@ -597,9 +603,7 @@ def test_texts_prefetched_as_they_arrive_are_triaged_together_and_each_step_gets
     model = SlowModel()
     triage = BatchingTriage.wrap(model)
     triage.prefetch("诉求0")  # the runner takes it and holds (SlowModel's first batch waits)
-    deadline = time.monotonic() + 10
-    while not model.batches and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _soon(lambda: model.batches)
     for i in range(1, 6):
         triage.prefetch(f"诉求{i}")
     model.go.set()
@@ -631,24 +635,6 @@ def test_a_step_waits_for_its_prefetched_triage_without_holding_a_worker():
     assert len(model.batches) == 1, "the step used the prefetched result, not a second model call"
 
 
-class HeldModel:
-    """The product's triage model answering batches (``triage_many``) with ``fake_triage``; the first batch is
-    held until told to go, as a model busy with a peak of messages."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-        self.go = threading.Event()
-
-    def __call__(self, text: str) -> dict:
-        return self.triage_many([text])[0]
-
-    def triage_many(self, texts: list[str]) -> list[dict]:
-        self.batches.append(list(texts))
-        if len(self.batches) == 1:
-            self.go.wait(10)
-        return [fake_triage(t) for t in texts]
-
-
 def test_the_expected_wait_counts_the_messages_ahead_at_the_models_recent_speed():
     """issue 8: a prefetched text's wait is the batch being run plus the texts queued up to and including it,
     at the smoothed seconds per message of the batches timed so far; none once it is answered."""
@@ -662,9 +648,7 @@ def test_the_expected_wait_counts_the_messages_ahead_at_the_models_recent_speed(
 
     triage = BatchingTriage(model, many, clock=lambda: clock[0])
     triage.prefetch("第一条")  # taken by the runner and held
-    deadline = time.monotonic() + 10
-    while not model.batches and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _soon(lambda: model.batches)
     for i in range(2, 6):
         triage.prefetch(f"第{i}条")
     guess = BatchingTriage.PER_TEXT_GUESS
@@ -717,9 +701,7 @@ def test_the_expected_wait_is_unbounded_while_the_model_is_still_loading():
     loader = threading.Thread(target=triage.load)
     loader.start()
     try:
-        deadline = time.monotonic() + 10
-        while not triage._loading and time.monotonic() < deadline:
-            time.sleep(0.001)
+        _soon(lambda: triage._loading)
         triage.prefetch("路灯不亮")
         assert triage.expected_wait("路灯不亮") == float("inf")
     finally:
@@ -736,7 +718,7 @@ def test_in_a_peak_a_citizen_whose_request_waits_is_told_at_once_and_only_once(s
 
     from bot import texts
 
-    model = HeldModel()
+    model = SlowModel(answer=fake_triage)
     other = CITIZEN + 1
     api = FakeBotAPI().start()
 
@@ -772,7 +754,7 @@ def test_no_queue_notice_when_the_model_keeps_up(services, db):
 
     from bot import texts
 
-    model = HeldModel()
+    model = SlowModel(answer=fake_triage)
     model.go.set()
     api = FakeBotAPI().start()
 
