@@ -1060,7 +1060,6 @@ def _report(
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     # outbox: each row delivered once (compared by chat and text with what the fake server received)
-
     direct_only = {FOLLOW_UP, texts.FLOOD, texts.BUSY, QUEUED}  # sent without an outbox row when all goes well
     sends = Counter((s["chat_id"], s["text"]) for s in sent if s["text"] not in direct_only)
     rows_sent = Counter((r.chat_id, r.text) for r in rows if r.status == "sent" and r.text not in direct_only)

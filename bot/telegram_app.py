@@ -413,6 +413,14 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
+SMOOTHING = 0.3  # weight of the newest measurement in the smoothed speeds behind the expected waits
+
+
+def _smoothed(previous: float | None, sample: float) -> float:
+    """Exponentially smoothed ``sample`` (the first one taken as it is)."""
+    return sample if previous is None else previous + SMOOTHING * (sample - previous)
+
+
 class BatchingTriage:
     """issue 8: the triage model answers several messages at once far more cheaply than one by one
     (e5-small on this machine: 36 ms of CPU per message alone, 17 ms in fours, 7 ms in sixteens). Steps
@@ -431,7 +439,6 @@ class BatchingTriage:
 
     PREFETCH_TTL = 60.0
     PER_TEXT_GUESS = 0.05  # seconds per message before any batch was timed
-    SMOOTHING = 0.3  # weight of the newest batch in the seconds-per-message estimate
 
     def __init__(
         self,
@@ -521,10 +528,7 @@ class BatchingTriage:
         finally:
             self._cond.acquire()
             if timed:
-                took = (self.clock() - started) / len(batch)
-                self.per_text = (
-                    took if self.per_text is None else self.per_text + self.SMOOTHING * (took - self.per_text)
-                )
+                self.per_text = _smoothed(self.per_text, (self.clock() - started) / len(batch))
             self._in_flight = 0
             self.batches.append(len(batch))
             for (_, waiting), result in zip(batch, results, strict=True):
@@ -578,8 +582,6 @@ class StepLoad:
     """issue 8: how many citizen steps wait for one of the step workers, and how long a step has taken lately
     (smoothed), so the channel can tell at once how long a new message will likely wait for a worker."""
 
-    SMOOTHING = 0.3
-
     def __init__(self, workers: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.workers, self.clock = workers, clock
         self.waiting = 0
@@ -600,7 +602,7 @@ class StepLoad:
             finally:
                 took = self.clock() - started
                 with self._lock:
-                    self.per_step += self.SMOOTHING * (took - self.per_step)
+                    self.per_step = _smoothed(self.per_step, took)
 
         return counted
 

@@ -92,7 +92,7 @@ RATING_FINAL = "已记录您的意见，工单 {number} 将由热线中心人工
 KB_SOLVED = "很高兴帮到您！如还有其他问题，直接输入即可。"
 FLOOD = "您发送得太快了，请稍等几秒再发。刚才超出频率的消息没有处理，请稍后重新发送。"
 BUSY = "系统繁忙，您的消息已收到，请稍后查看回复；如情况紧急，请拨打相应紧急电话。"
-# issue 8: sent at once when a new request will wait for the triage model (a peak of messages)
+# issue 8: sent at once when a message will wait for the triage model and a step worker (a peak of messages)
 QUEUED = "您的消息已收到。当前来信较多，正在依次为您处理，请稍候，无需重复发送。如情况紧急，请直接拨打110、119、120。"
 
 JOIN_OFFER = (

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     queue_notice_after_s: float = Field(
         default=2.0,
         ge=0,
-        description="Telegram channel: a new request expected to wait this many seconds or more for the triage "
-        "model is told at once that it was received (0: never)",
+        description="Telegram channel: a citizen's message expected to wait this many seconds or more for the "
+        "triage model and a step worker is told at once that it was received (0: never)",
     )
     triage_server: str = Field(
         default="",
