@@ -465,8 +465,12 @@ class BatchingTriage:
     def load(self) -> None:
         load = getattr(self.brain, "load", None)
         self._loading = True
-        if callable(load):
-            load()
+        try:
+            if callable(load):
+                load()
+        except BaseException:
+            self._loading = False  # the first step that needs the model loads it: estimate waits as before
+            raise
         self._loaded = True
 
     def expected_wait(self, text: str) -> float:

@@ -710,6 +710,27 @@ def test_the_expected_wait_is_unbounded_while_the_model_is_still_loading():
     assert triage("路灯不亮")["echo"] == "路灯不亮"
 
 
+def test_a_model_that_failed_to_load_at_start_does_not_leave_every_wait_unbounded():
+    """The start-up load fails (the triage server was away); the model loads later, on the first step that
+    needs it. Waits are estimated again, not taken as endless, so citizens are not told to wait for ever."""
+
+    class FailsFirstLoad(SlowModel):
+        def load(self) -> None:
+            raise ConnectionError("triage server away")
+
+    model = FailsFirstLoad()
+    triage = BatchingTriage.wrap(model)
+    with pytest.raises(ConnectionError):
+        triage.load()
+    triage.prefetch("第一条")  # taken by the runner and held
+    _soon(lambda: model.batches)
+    triage.prefetch("第二条")
+    assert triage.expected_wait("第二条") == pytest.approx(2 * BatchingTriage.PER_TEXT_GUESS)
+    model.go.set()
+    assert triage("第二条")["echo"] == "第二条"
+    assert triage.per_text is not None  # its batches are timed again
+
+
 def test_in_a_peak_a_citizen_whose_request_waits_is_told_at_once_and_only_once(services, db):
     """issue 8: the model is busy and has been taking 1.5 s per message. A request with one message ahead of
     it (3 s expected) is told at once that it was received and queued; the one being triaged (1.5 s) is not
