@@ -35,7 +35,9 @@ def make_engine(url: str | None = None, *, pre_ping: bool = True) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=pre_ping)
+    # a step may hold two connections at once (its transaction and the ticket number's, models.workflow
+    # ._next_number): SQLAlchemy's default 5 + 10 could leave a busy bot's steps waiting for one another
+    return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20)
 
 
 def conflict_insert(session: Session):

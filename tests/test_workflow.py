@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from models.clock import CHINA_TZ
 from models.errors import IllegalTransition, IncompleteReply, PermissionDenied, WorkflowError
@@ -41,6 +41,7 @@ from models.workflow import (
     supervise,
     urge,
 )
+from tests.conftest import PG_URL
 from tests.helpers import CENTER, add_units, citizen, dispatched_ticket, staff
 
 CG = staff("chengguan")
@@ -96,6 +97,24 @@ def test_ticket_numbers_count_per_day(db, clock):
         clock.advance(days=1)
         c = create_ticket(s, text="还是路灯")
     assert (a.number, b.number, c.number) == ("20261123-000001", "20261123-000002", "20261124-000001")
+
+
+@pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="needs HOTLINE_TEST_DATABASE_URL=PostgreSQL")
+def test_a_new_ticket_does_not_wait_for_another_request_still_being_filed(db, clock):
+    """Issue 8: two citizens filing at once on PostgreSQL. The second must not wait for the first step's
+    transaction to end (it used to, on the day's counter row: every new ticket queued behind the last)."""
+    with db.begin() as s:
+        add_units(s)
+    with db() as first:
+        first.begin()
+        a = create_ticket(first, text="路灯坏了")  # first's transaction stays open
+        with db.begin() as second:
+            second.execute(text("SET LOCAL lock_timeout = '2s'"))
+            b = create_ticket(second, text="井盖丢了")
+        first.rollback()  # the first citizen's step failed: its number is not given again
+    with db.begin() as s:
+        c = create_ticket(s, text="又一个")
+    assert (a.number, b.number, c.number) == ("20261123-000001", "20261123-000002", "20261123-000003")
 
 
 def test_return_and_redispatch(db, clock):
