@@ -434,6 +434,21 @@ def cpu_seconds(pid: int | None) -> float:
     return own + sum(cpu_seconds(child) for child in _children(pid))
 
 
+def python_loop_ms(n: int = 2_000_000, repeat: int = 3) -> float:
+    """CPU milliseconds a fixed pure-Python loop takes (best of ``repeat``): this machine's speed at the time.
+    On a shared virtual machine it varied by 1.8x between runs minutes apart on an idle guest, and the
+    bench's latencies with it; the report gives it from before and after the load so that runs can be
+    compared."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.process_time() - started)
+    return round(best * 1000, 1)
+
+
 def _children(pid: int | None) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
@@ -644,6 +659,7 @@ def bench_e2e(
     try:
         first_start = bot.start(server)
         setup_s = time.monotonic() - t_setup
+        speed_before = python_loop_ms()
         result = _drive(
             server,
             bot,
@@ -670,6 +686,7 @@ def bench_e2e(
             "faults": faults,
             "bots": bots,
             "triage": "shared server" if bot.triage_cmd else ("own process" if brain == "real" else "stand-in"),
+            "python_loop_ms_before_after": [speed_before, python_loop_ms()],
         }
         return result
     finally:

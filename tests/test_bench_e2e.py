@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bot import texts
-from bot.bench_e2e import bench_e2e, superseded_confirms
+from bot.bench_e2e import bench_e2e, python_loop_ms, superseded_confirms
 from tests.conftest import PG_URL
 
 URL = PG_URL if PG_URL.startswith("postgresql") else None
@@ -75,3 +75,8 @@ def test_a_confirmation_that_filed_before_a_later_message_was_added_is_still_exp
         summary("x1") | {"chat_id": "8"},  # another chat's draft is not touched
     ]
     assert superseded_confirms(sent) == {("7", "d:ok:b1")}
+
+
+def test_the_machine_speed_reading_grows_with_the_work_it_times():
+    # the report's yardstick for comparing runs on a shared machine: eight times the loop reads slower
+    assert python_loop_ms(400_000) > python_loop_ms(50_000) > 0
