@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.settings import get_settings
@@ -37,7 +37,9 @@ def make_engine(url: str | None = None, *, pre_ping: bool = True) -> Engine:
         return engine
     # a step may hold two connections at once (its transaction and the ticket number's, models.workflow
     # ._next_number): SQLAlchemy's default 5 + 10 could leave a busy bot's steps waiting for one another
-    return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20)
+    if make_url(url).get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=pre_ping)
 
 
 def conflict_insert(session: Session):
