@@ -15,12 +15,12 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.catalog import CENTER
 from models.clock import now
+from models.db import conflict_insert
 from models.errors import IllegalTransition, IncompleteReply, NotFound, PermissionDenied, WorkflowError
 from models.policy import REQUEST_TYPES, Duration, Policy, load_policy
 from models.settings import get_settings
@@ -120,14 +120,15 @@ def _next_number(session: Session, when: datetime) -> str:
     ticket waited for the one before it: under load a third of the database sessions sampled were waiting
     for that row lock while holding a step worker. A number taken by a step that then rolls back is not
     reused: numbers are unique and increase through the day, but may skip one (a ticket number identifies a
-    request; none of the five regulations in the seeds asks for numbers without gaps). SQLite has one writer at a time anyway, and a second connection
-    there would wait for the step's own write lock, so it keeps the counter inside the transaction."""
+    request; none of the five regulations in the seeds asks for numbers without gaps). SQLite has one writer
+    at a time anyway, and a second connection there would wait for the step's own write lock, so it keeps
+    the counter inside the transaction."""
     day = when.strftime("%Y%m%d")
     bind = session.get_bind()
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
         table = TicketSequence.__table__
         upsert = (
-            pg_insert(table)
+            conflict_insert(session)(table)
             .values(day=day, last=1)
             .on_conflict_do_update(index_elements=["day"], set_={"last": table.c.last + 1})
             .returning(table.c.last)
