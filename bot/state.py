@@ -49,7 +49,11 @@ class ChatState:
 
 
 def load_state(session: Session, channel: str, chat_id: str) -> ChatState:
-    row = session.get(Conversation, (channel, str(chat_id)))
+    return state_of(session.get(Conversation, (channel, str(chat_id))))
+
+
+def state_of(row: Conversation | None) -> ChatState:
+    """The state held by a conversation row (None: a chat with no state yet)."""
     if row is None:
         return ChatState()
     # a deep copy: the step changes lists inside; the row's loaded value must stay what the database holds

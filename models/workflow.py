@@ -220,6 +220,7 @@ def create_ticket(
         summary=elements.pop("summary", None) or text[:120],
         created_at=at,
         status="received",
+        units=[],  # known empty: dispatching it later reads no unit rows (issue 8)
     )
     for key, value in elements.items():
         if not hasattr(Ticket, key):
@@ -354,8 +355,9 @@ def dispatch(
     co = [c for c in dict.fromkeys(co) if c != lead]
     for code in [lead, *co]:
         _require_unit(session, code)
-    ticket.units.clear()
-    session.flush()
+    if ticket.units:  # a new ticket has none: nothing to delete first, no flush (issue 8)
+        ticket.units.clear()
+        session.flush()  # the old rows go before new ones for the same units are inserted
     ticket.units.append(TicketUnit(unit_code=lead, role="lead", assigned_at=now()))
     for code in co:
         ticket.units.append(TicketUnit(unit_code=code, role="co", assigned_at=now()))
@@ -990,16 +992,18 @@ def find_repeat(
     cal = get_calendar()
     same = same_issue or (lambda a, b: text_overlap(a, b) >= 0.35)
     at = ticket.created_at or now()
-    earlier = session.scalars(
-        select(Ticket)
-        .where(
-            Ticket.citizen_id == ticket.citizen_id,
-            Ticket.id != ticket.id,
-            Ticket.status.notin_(("rejected", "redirected")),
-        )
-        .order_by(Ticket.id.desc())
-        .limit(50)
-    ).all()
+    # earlier tickets only: the step's pending changes (to this ticket) need not be written first (issue 8)
+    with session.no_autoflush:
+        earlier = session.scalars(
+            select(Ticket)
+            .where(
+                Ticket.citizen_id == ticket.citizen_id,
+                Ticket.id != ticket.id,
+                Ticket.status.notin_(("rejected", "redirected")),
+            )
+            .order_by(Ticket.id.desc())
+            .limit(50)
+        ).all()
     for old in earlier:
         if not same(ticket.original_text, old.original_text):
             continue

@@ -343,3 +343,39 @@ def test_declining_the_join_offer_files_a_new_ticket_and_other_places_get_no_off
     assert "请确认" in r.text and "加入" not in r.text
     with db() as s:
         assert len(s.scalars(select(Ticket)).all()) == 2
+
+
+def test_real_name_is_asked_once_and_the_unit_card_shows_it_masked(db):
+    """平利 (第七条（十）): complaints need a real name. The contact a citizen shares is kept: their next
+    complaint is not asked for it again, and the unit's card shows it masked, never in plain text."""
+    with db.begin() as s:
+        load_catalog(s)
+        s.add(ChatBinding(chat_id=-100, unit_code="chengguan"))
+    services = Services(sessions=db, triage=fake_triage, policy_name="pingli")
+    say(services, "烧烤摊占道经营油烟太大")
+    say(services, "幸福路88号门口")
+    [r] = press(services, f"time:today:{_token(db)}")
+    assert "实名" in r.text and "第七条" in r.text and r.ask_contact
+    [r] = say(services, contact_phone="13812345678", contact_name="王小明", contact_user_id="42")
+    assert "请确认" in r.text
+    [r] = press(services, f"d:ok:{_token(db)}")
+    assert "已受理" in r.text
+    say(services, "工地夜间施工噪音扰民")
+    say(services, "建设路12号工地")
+    [r] = press(services, f"time:today:{_token(db)}")
+    assert "请确认" in r.text and "实名" not in r.text  # the contact given before is used
+    [r] = press(services, f"d:ok:{_token(db)}")
+    assert "已受理" in r.text
+    with db() as s:
+        cards = s.scalars(select(OutboxMessage).where(OutboxMessage.chat_id == "-100")).all()
+        assert len(cards) == 2
+        for card in cards:
+            assert "13812345678" not in card.text and "王小明" not in card.text
+            assert "138****5678" in card.text and "王*" in card.text
+
+
+def _token(db, user="42") -> str:
+    from bot.state import load_state
+
+    with db() as s:
+        return load_state(s, "telegram", user).token
