@@ -58,6 +58,7 @@ class TriageServer:
         self.ready = threading.Event()
         self._closed = False
         self._conns: set[Connection] = set()
+        self._conns_lock = threading.Lock()  # a connection is closed once, by whoever takes it out of _conns
 
     def load(self) -> None:
         load = getattr(self.batching, "load", None)
@@ -84,6 +85,8 @@ class TriageServer:
                     return
                 log.warning("a connection to the triage server failed", exc_info=True)
                 continue
+            with self._conns_lock:
+                self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="triage-conn").start()
 
     def close(self) -> None:
@@ -91,15 +94,22 @@ class TriageServer:
         if self.listener is not None:
             self.listener.close()
         for conn in list(self._conns):
-            conn.close()
+            self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        """Close a client's connection once: ``close`` and the thread serving it both try, and a second
+        close of the same descriptor failed with EBADF — or could close a file opened since under its number."""
+        with self._conns_lock:
+            if conn not in self._conns:
+                return
+            self._conns.discard(conn)
+        conn.close()
 
     def _serve(self, conn: Connection) -> None:
-        self._conns.add(conn)
         try:
             self._serve_requests(conn)
         finally:
-            self._conns.discard(conn)
-            conn.close()
+            self._drop(conn)
 
     def _serve_requests(self, conn: Connection) -> None:
         while True:
