@@ -15,7 +15,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, literal, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -26,7 +26,7 @@ from bot.messages import Button, Incoming, Reply
 from bot.outbox import notify_unit
 from bot.services import Services
 from bot.staff import notify_rating, unit_view
-from bot.state import ChatState, load_state, save_state, state_of
+from bot.state import ChatState, save_state, state_of
 from models.catalog import CENTER
 from models.clock import now
 from models.errors import WorkflowError
@@ -91,22 +91,23 @@ def get_or_create_citizen(session: Session, channel: str, external_id: str) -> C
 
 
 def _citizen_and_state(session: Session, msg: Incoming) -> tuple[Citizen, ChatState]:
-    """The citizen (with the contact details it left, if any) and the chat's conversation state in one round trip (issue 8: every step needs both, and a
-    statement less per step is a wait for the database and for the GIL less under load); a new citizen is
-    created, and the state read on its own then."""
-    found = session.execute(
+    """The citizen (with the contact details they left, if any) and the chat's conversation state, read in one
+    statement (issue 8: every step needs both, and each round trip under load is a wait for the database and
+    then for the GIL); a citizen writing for the first time is created."""
+    one = select(literal(1).label("one")).subquery()  # the row the three optional ones are joined to
+    citizen, row, pii = session.execute(
         select(Citizen, Conversation, CitizenPII)
-        .select_from(Citizen)
+        .select_from(one)
+        .outerjoin(Citizen, and_(Citizen.channel == msg.channel, Citizen.external_id == str(msg.user_id)))
         .outerjoin(
             Conversation, and_(Conversation.channel == msg.channel, Conversation.chat_id == str(msg.chat_id))
         )
         .outerjoin(CitizenPII, CitizenPII.citizen_id == Citizen.id)
-        .where(Citizen.channel == msg.channel, Citizen.external_id == str(msg.user_id))
-    ).one_or_none()
-    if found is None:
-        citizen = get_or_create_citizen(session, msg.channel, msg.user_id)
-        return citizen, load_state(session, msg.channel, msg.chat_id)
-    citizen, row, pii = found
+    ).one()
+    if citizen is None:
+        citizen = Citizen(channel=msg.channel, external_id=str(msg.user_id), created_at=now())
+        session.add(citizen)
+        session.flush()
     if "pii" not in citizen.__dict__:  # read with it: asking for a contact, a card or a summary reads no more
         set_committed_value(citizen, "pii", pii)
     return citizen, state_of(row)

@@ -20,6 +20,8 @@ class ChatState:
     # issue 8: the row it was loaded from, so that saving does not read it again (the session's identity
     # map holds rows weakly: without this reference the row is gone by the time the step saves)
     row: Conversation | None = field(default=None, repr=False, compare=False)
+    # the step read the chat's row and found none: saving adds it without reading again
+    absent: bool = field(default=False, repr=False, compare=False)
 
     def reset(self) -> None:
         self.state, self.data = "idle", {}
@@ -55,18 +57,21 @@ def load_state(session: Session, channel: str, chat_id: str) -> ChatState:
 def state_of(row: Conversation | None) -> ChatState:
     """The state held by a conversation row (None: a chat with no state yet)."""
     if row is None:
-        return ChatState()
+        return ChatState(absent=True)
     # a deep copy: the step changes lists inside; the row's loaded value must stay what the database holds
     return ChatState(row.state, copy.deepcopy(row.data or {}), row=row)
 
 
 def save_state(session: Session, channel: str, chat_id: str, st: ChatState) -> None:
     row = st.row
-    if row is None or row not in session or (row.channel, row.chat_id) != (channel, str(chat_id)):
+    stale = row is not None and (row not in session or (row.channel, row.chat_id) != (channel, str(chat_id)))
+    # ``absent``: read in this step and not there, and the chat's lock keeps it so: no second read
+    if stale or (row is None and not st.absent):
         row = session.get(Conversation, (channel, str(chat_id)))
     if row is None:
         row = Conversation(channel=channel, chat_id=str(chat_id))
         session.add(row)
+        st.row, st.absent = row, False
     row.state = st.state
     row.data = dict(st.data)
     row.updated_at = now()
