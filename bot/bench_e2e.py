@@ -855,6 +855,7 @@ def _drive(
         workdir,
     )
     result["cpu_s_during_load"] = cpu
+    result["first_reply_stages_clean"] = step_stages(workdir, clean)
     if len(snaps) == 2:  # per citizen update sent in the clean stretch (the bot's own work included)
         n = max(1, sum(1 for p in pushed if clean[0] <= p["at"] < clean[1]))
         sql = snaps[1][0] - snaps[0][0]
@@ -1275,7 +1276,14 @@ def _count_statements(engine, path: Path) -> None:
         with lock:
             counts["COMMIT"] += 1
 
+    from bot import telegram_app
+
+    stages: list = []
+    telegram_app.STEP_STAGES = stages
+    stages_path = path.with_name(path.name.replace("sql_stats", "step_stages", 1)).with_suffix(".jsonl")
+
     def dump() -> None:
+        written = 0
         while True:
             time.sleep(0.5)
             with lock:
@@ -1283,8 +1291,39 @@ def _count_statements(engine, path: Path) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(path)
+            new, written = stages[written:], written + len(stages[written:])
+            if new:  # appended as they come: a killed bot keeps what it wrote
+                with stages_path.open("a") as fh:
+                    fh.writelines(json.dumps(row) + "\n" for row in new)
 
     threading.Thread(target=dump, daemon=True, name="sql-stats").start()
+
+
+STAGES = ("chat_lock_and_triage", "worker_wait", "step", "send")
+
+
+def step_stages(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
+    """Where the first replies to citizen updates arriving in ``window`` (wall-clock seconds) spent their time,
+    from what every bot process of the run recorded (``telegram_app.STEP_STAGES``): p50, p95 and mean in ms."""
+    rows = []
+    for f in workdir.glob("step_stages_*.jsonl"):
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short when its bot was killed
+                continue
+            if window[0] <= row[0] < window[1]:
+                rows.append(row[1:])
+    out: dict[str, Any] = {"n": len(rows)}
+    for i, name in enumerate(STAGES):
+        ms = sorted(r[i] * 1000 for r in rows)
+        out[name] = (
+            {"p50_ms": round(ms[len(ms) // 2], 1), "p95_ms": round(ms[int(len(ms) * 0.95)], 1),
+             "mean_ms": round(sum(ms) / len(ms), 1)}
+            if ms
+            else None
+        )
+    return out
 
 
 def read_sql_stats(workdir: Path) -> Counter:

@@ -76,6 +76,10 @@ except ImportError:  # Note its absence once, as a finished import would.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 QUEUE_NOTICE_EVERY = 60.0  # seconds: a chat is told its message waits in a queue at most this often
 SLOW_STEP = 2.0  # seconds from update to first reply worth a warning in the log
+# issue 8: where a citizen's wait for the first reply went, step by step, for `hotline bench e2e` (its bot
+# process sets a list here; None, the product's default, records nothing): (arrival as wall-clock time,
+# seconds for the chat's lock and the triage model, waiting for a step worker, the step, sending)
+STEP_STAGES: list[tuple[float, float, float, float, float]] | None = None
 RECOVER_EVERY = 5.0  # seconds between looks for updates left pending (issue 8)
 # issue 8: a step that met a database or triage outage is tried again this often, for this long (a database
 # restart, a triage server loading its model), holding its chat's place; then it is left for the replay
@@ -841,6 +845,16 @@ class HotlineBot:
             await self.recorder.record(outbox_id, result)
             if len(times) == 3:
                 times.append(time.monotonic())  # the first reply is out
+        if len(times) == 4 and STEP_STAGES is not None:
+            STEP_STAGES.append(
+                (
+                    time.time() - (time.monotonic() - arrived),
+                    times[0] - arrived,
+                    times[1] - times[0],
+                    times[2] - times[1],
+                    times[3] - times[2],
+                )
+            )
         if len(times) == 4 and times[3] - arrived > SLOW_STEP:
             log.warning(
                 "slow step%s: %.2f s for the chat lock and triage, %.2f s waiting for a worker, %.2f s step, "

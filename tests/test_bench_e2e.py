@@ -42,6 +42,14 @@ def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_tic
     assert result["tickets"]["confirmed_content_not_last_message"] == 0  # nobody wrote before an answer came
     assert result["fake_server"]["calls"]["answerCallbackQuery"] >= result["tickets"]["confirmations"]
     assert result["updates"]["answered"] > 12 * 2
+    # the report says where the first replies of the clean stretch waited, stage by stage
+    stages = result["first_reply_stages_clean"]
+    assert stages["n"] > 0
+    for name in ("chat_lock_and_triage", "worker_wait", "step", "send"):
+        assert 0 <= stages[name]["p50_ms"] <= stages[name]["p95_ms"]
+    assert stages["step"]["p50_ms"] > 0  # a step reads and writes the database: never free
+    whole = sum(stages[name]["mean_ms"] for name in ("chat_lock_and_triage", "worker_wait", "step", "send"))
+    assert whole <= result["first_reply_clean"]["max_ms"]  # inside the bot, within what the citizen waited
 
 
 def test_a_flood_sends_only_text_messages_and_each_gets_an_answer():
