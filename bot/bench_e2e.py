@@ -1291,7 +1291,8 @@ def _count_statements(engine, path: Path) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(path)
-            new, written = stages[written:], written + len(stages[written:])
+            new = stages[written:]
+            written += len(new)
             if new:  # appended as they come: a killed bot keeps what it wrote
                 with stages_path.open("a") as fh:
                     fh.writelines(json.dumps(row) + "\n" for row in new)
@@ -1304,7 +1305,7 @@ STAGES = ("chat_lock_and_triage", "worker_wait", "step", "send")
 
 def step_stages(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
     """Where the first replies to citizen updates arriving in ``window`` (wall-clock seconds) spent their time,
-    from what every bot process of the run recorded (``telegram_app.STEP_STAGES``): p50, p95 and mean in ms."""
+    from what every bot process of the run recorded (``telegram_app.STEP_STAGES``): ``_summary`` and the mean."""
     rows = []
     for f in workdir.glob("step_stages_*.jsonl"):
         for line in f.read_text().splitlines():
@@ -1316,13 +1317,9 @@ def step_stages(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
                 rows.append(row[1:])
     out: dict[str, Any] = {"n": len(rows)}
     for i, name in enumerate(STAGES):
-        ms = sorted(r[i] * 1000 for r in rows)
-        out[name] = (
-            {"p50_ms": round(ms[len(ms) // 2], 1), "p95_ms": round(ms[int(len(ms) * 0.95)], 1),
-             "mean_ms": round(sum(ms) / len(ms), 1)}
-            if ms
-            else None
-        )
+        seconds = [r[i] for r in rows]
+        mean = round(sum(seconds) / len(seconds) * 1000, 1) if seconds else None
+        out[name] = {**_summary(seconds), "mean_ms": mean}
     return out
 
 

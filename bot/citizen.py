@@ -83,10 +83,13 @@ def get_or_create_citizen(session: Session, channel: str, external_id: str) -> C
     c = session.scalars(
         select(Citizen).where(Citizen.channel == channel, Citizen.external_id == str(external_id))
     ).one_or_none()
-    if c is None:
-        c = Citizen(channel=channel, external_id=str(external_id), created_at=now())
-        session.add(c)
-        session.flush()
+    return c if c is not None else _new_citizen(session, channel, external_id)
+
+
+def _new_citizen(session: Session, channel: str, external_id: str) -> Citizen:
+    c = Citizen(channel=channel, external_id=str(external_id), created_at=now())
+    session.add(c)
+    session.flush()
     return c
 
 
@@ -105,9 +108,7 @@ def _citizen_and_state(session: Session, msg: Incoming) -> tuple[Citizen, ChatSt
         .outerjoin(CitizenPII, CitizenPII.citizen_id == Citizen.id)
     ).one()
     if citizen is None:
-        citizen = Citizen(channel=msg.channel, external_id=str(msg.user_id), created_at=now())
-        session.add(citizen)
-        session.flush()
+        citizen = _new_citizen(session, msg.channel, msg.user_id)
     if "pii" not in citizen.__dict__:  # read with it: asking for a contact, a card or a summary reads no more
         set_committed_value(citizen, "pii", pii)
     return citizen, state_of(row)

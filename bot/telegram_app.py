@@ -845,25 +845,17 @@ class HotlineBot:
             await self.recorder.record(outbox_id, result)
             if len(times) == 3:
                 times.append(time.monotonic())  # the first reply is out
-        if len(times) == 4 and STEP_STAGES is not None:
-            STEP_STAGES.append(
-                (
-                    time.time() - (time.monotonic() - arrived),
-                    times[0] - arrived,
-                    times[1] - times[0],
-                    times[2] - times[1],
-                    times[3] - times[2],
-                )
-            )
-        if len(times) == 4 and times[3] - arrived > SLOW_STEP:
+        if len(times) < 4:
+            return
+        stages = (times[0] - arrived, times[1] - times[0], times[2] - times[1], times[3] - times[2])
+        if STEP_STAGES is not None:
+            STEP_STAGES.append((time.time() - (time.monotonic() - arrived), *stages))
+        if times[3] - arrived > SLOW_STEP:
             log.warning(
                 "slow step%s: %.2f s for the chat lock and triage, %.2f s waiting for a worker, %.2f s step, "
                 "%.2f s send",
                 " (urgent)" if urgent else "",
-                times[0] - arrived,
-                times[1] - times[0],
-                times[2] - times[1],
-                times[3] - times[2],
+                *stages,
             )
 
     async def _group_step(self, bot, update_id: int, incoming: Incoming) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bot import texts
-from bot.bench_e2e import bench_e2e, python_loop_ms, superseded_confirms
+from bot.bench_e2e import STAGES, bench_e2e, python_loop_ms, superseded_confirms
 from tests.conftest import PG_URL
 
 URL = PG_URL if PG_URL.startswith("postgresql") else None
@@ -45,10 +45,10 @@ def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_tic
     # the report says where the first replies of the clean stretch waited, stage by stage
     stages = result["first_reply_stages_clean"]
     assert stages["n"] > 0
-    for name in ("chat_lock_and_triage", "worker_wait", "step", "send"):
+    for name in STAGES:
         assert 0 <= stages[name]["p50_ms"] <= stages[name]["p95_ms"]
     assert stages["step"]["p50_ms"] > 0  # a step reads and writes the database: never free
-    whole = sum(stages[name]["mean_ms"] for name in ("chat_lock_and_triage", "worker_wait", "step", "send"))
+    whole = sum(stages[name]["mean_ms"] for name in STAGES)
     assert whole <= result["first_reply_clean"]["max_ms"]  # inside the bot, within what the citizen waited
 
 
