@@ -426,12 +426,48 @@ class BotFleet:
 def cpu_seconds(pid: int | None) -> float:
     """CPU time (user + system) a live process and its live children (the bot's triage process) have used
     so far (Linux /proc; 0 when unknown)."""
+    return own_cpu_seconds(pid) + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def own_cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of one live process, without its children (0 when unknown)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, TypeError):
         return 0.0
-    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of this machine's PostgreSQL processes so far (every backend alive now and the server's
+    other processes; 0 when the database runs elsewhere)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, _, rest = stat.read_text().rpartition(")")
+        except OSError:
+            continue
+        if head.endswith("(postgres"):
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def cpu_by_process(bot: BotFleet, server: FakeServer) -> dict[str, float]:
+    """CPU seconds so far of each part of the bench: the bot processes' own Python, the triage model (the bots'
+    triage processes or the shared triage server), PostgreSQL, the fake Telegram and this driver."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    live = [b.proc.pid for b in bot.bots if b.proc is not None and b.proc.poll() is None]
+    return {
+        "bot": sum(own_cpu_seconds(pid) for pid in live),
+        "triage": sum(cpu_seconds(child) for pid in live for child in _children(pid))
+        + cpu_seconds(bot.triage.pid if bot.triage else None),
+        "postgres": postgres_cpu_seconds(),
+        "fake_api": cpu_seconds(server.proc.pid),
+        "driver": usage.ru_utime + usage.ru_stime,
+    }
 
 
 def python_loop_ms(n: int = 2_000_000, repeat: int = 3) -> float:
@@ -746,12 +782,15 @@ def _drive(
     deadline = t0 + cap
     restart_pending: float | None = None
 
-    snaps: list[tuple[Counter, dict]] = []  # SQL statements and Telegram calls at the clean stretch's ends
+    # SQL statements, Telegram calls and CPU seconds by process at the clean stretch's ends
+    snaps: list[tuple[Counter, dict, dict[str, float]]] = []
 
     while time.time() < deadline:
         now = time.time()
         if workdir is not None and len(snaps) < 2 and now >= clean[len(snaps)]:
-            snaps.append((read_sql_stats(workdir), dict((server.stats() or {}).get("calls", {}))))
+            snaps.append(
+                (read_sql_stats(workdir), dict((server.stats() or {}).get("calls", {})), cpu_by_process(bot, server))
+            )
         # 1. what the bot said
         got = server.call("sent", {"after": sent_next})
         sent_next = got["next"]
@@ -865,6 +904,11 @@ def _drive(
             "sql_statements": round(sql["total"] / n, 2),
             "sql_by_kind": {k: round(v / n, 2) for k, v in sorted(sql.items()) if k != "total"},
             "telegram_calls": {k: round(v / n, 2) for k, v in sorted(calls.items())},
+            # machine-comparable: what one update costs each part; over the stretch's length, the cores in use
+            "cpu_ms": {k: round(1000 * (snaps[1][2][k] - v) / n, 2) for k, v in snaps[0][2].items()},
+            "cores_in_use": round(
+                (sum(snaps[1][2].values()) - sum(snaps[0][2].values())) / max(1e-9, clean[1] - clean[0]), 2
+            ),
         }
     return result
 

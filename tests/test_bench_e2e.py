@@ -50,6 +50,11 @@ def test_conversations_are_answered_to_the_end_and_every_confirmation_is_one_tic
     assert stages["step"]["p50_ms"] > 0  # a step reads and writes the database: never free
     whole = sum(stages[name]["mean_ms"] for name in STAGES)
     assert whole <= result["first_reply_clean"]["max_ms"]  # inside the bot, within what the citizen waited
+    # and what an update cost each process, comparable between machines: the bot's Python is never free
+    cost = result["per_update_clean"]
+    assert set(cost["cpu_ms"]) == {"bot", "triage", "postgres", "fake_api", "driver"}
+    assert cost["cpu_ms"]["bot"] > 0 and all(v >= 0 for v in cost["cpu_ms"].values())
+    assert 0 < cost["cores_in_use"]
 
 
 def test_a_flood_sends_only_text_messages_and_each_gets_an_answer():
