@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, null, select, text, update
+from sqlalchemy import BigInteger, Update, bindparam, delete, func, null, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,6 +111,36 @@ class Overtaken(Exception):
         super().__init__(f"chat {chat_id} has updates before {update_id} still pending")
 
 
+@lru_cache(maxsize=4)
+def _claim_statement(locked: bool, count_older: bool) -> Update:
+    """The claim's UPDATE, built once (issue 8: building it and its cache key anew for every step cost more
+    CPU than running it). A Core UPDATE of the table, not an ORM one of the class (the ORM's bulk-update path
+    cost more CPU than the statement; no InboundUpdate object of this update is loaded in a step's session).
+    Parameters: ``b_update_id``, ``b_at``, ``b_outcome``, ``lock_key`` (``locked``), ``b_chat_id`` (``count_older``)."""
+    table = InboundUpdate.__table__
+    query = update(table).where(table.c.update_id == bindparam("b_update_id"), table.c.done_at.is_(None))
+    if locked:
+        query = query.where(func.pg_advisory_xact_lock(bindparam("lock_key", type_=BigInteger)).is_not(None))
+    query = query.values(
+        done_at=bindparam("b_at", type_=table.c.done_at.type),
+        outcome=bindparam("b_outcome", type_=table.c.outcome.type),
+        payload=null(),
+    )
+    if count_older:  # in the claim's own round trip (the pending rows are few: ix_inbound_pending)
+        earlier = table.alias("earlier")
+        query = query.returning(
+            select(func.count())
+            .select_from(earlier)
+            .where(
+                earlier.c.chat_id == bindparam("b_chat_id"),
+                earlier.c.done_at.is_(None),
+                earlier.c.update_id < bindparam("b_update_id"),
+            )
+            .scalar_subquery()
+        )
+    return query
+
+
 def _claim(
     session: Session,
     update_id: int,
@@ -123,25 +154,13 @@ def _claim(
     ``lock_key`` (PostgreSQL): the chat's advisory lock, taken by the claiming UPDATE itself (issue 8: one
     round trip, not two; PostgreSQL evaluates it in the filter of the one row the primary key finds), and on
     its own when no pending row matched."""
-    # a Core UPDATE of the table, not an ORM one of the class (issue 8: the ORM's bulk-update path cost more
-    # CPU than the statement; no InboundUpdate object of this update is loaded in a step's session)
-    table = InboundUpdate.__table__
-    query = update(table).where(table.c.update_id == update_id, table.c.done_at.is_(None))
-    if lock_key is not None:
-        query = query.where(func.pg_advisory_xact_lock(lock_key).is_not(None))
-    query = query.values(done_at=now(), outcome=outcome, payload=null())
-    if count_older:  # in the claim's own round trip (the pending rows are few: ix_inbound_pending)
-        earlier = table.alias("earlier")
-        query = query.returning(
-            select(func.count())
-            .select_from(earlier)
-            .where(earlier.c.chat_id == chat_id, earlier.c.done_at.is_(None), earlier.c.update_id < update_id)
-            .scalar_subquery()
-        )
-        row = session.execute(query).first()
+    query = _claim_statement(lock_key is not None, count_older)
+    params = {"b_update_id": update_id, "b_at": now(), "b_outcome": outcome, "lock_key": lock_key, "b_chat_id": chat_id}
+    if count_older:
+        row = session.execute(query, params).first()
         if row is not None:
             return True, row[0]
-    elif session.execute(query).rowcount == 1:
+    elif session.execute(query, params).rowcount == 1:
         return True, 0
     if lock_key is not None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
