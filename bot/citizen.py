@@ -12,6 +12,7 @@ import threading
 import time
 import unicodedata
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -153,7 +154,9 @@ _UNITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNITS_LOCK = threading.Lock()
 
 
-def attach_units(session: Session, factory: Any) -> None:
+def attach_units(session: Session, factory: Any, codes: Iterable[str] | None = None) -> None:
+    """Put the cached catalog's units ``codes`` (None: all) into the step's session, so that
+    ``session.get(Unit, code)`` finds them without a query; a code not in the catalog is left to the query."""
     try:
         cached = _UNITS.get(factory)
     except TypeError:  # not weakly referenceable: no cache
@@ -166,18 +169,24 @@ def attach_units(session: Session, factory: Any) -> None:
                 with factory() as s:
                     rows = list(s.scalars(select(Unit)))
                     s.expunge_all()
-                cached = (at, rows)
+                cached = (at, {u.code: u for u in rows})
                 _UNITS[factory] = cached
+    catalog = cached[1]
     # held by the session (strongly) for its life, so that session.get(Unit, code) finds them
-    session.info["units"] = [session.merge(u, load=False) for u in cached[1]]
+    held = session.info.setdefault("units", {})
+    for code in catalog if codes is None else codes:
+        if code not in held and code in catalog:
+            held[code] = session.merge(catalog[code], load=False)
 
 
-def ensure_units(session: Session) -> None:
-    """Attach the cached catalog to this step's session the first time the step needs a unit (most steps —
-    a place, a time, a rating — never do; merging ~30 rows cost a tenth of the bot's CPU under load)."""
+def ensure_units(session: Session, codes: Iterable[str] | None = None) -> None:
+    """Attach the cached units ``codes`` (None: the whole catalog) to this step's session the first time the
+    step needs them (most steps — a place, a time, a rating — never do; merging the ~30 rows of the catalog cost
+    a tenth of the bot's CPU under load, and merging all of them for a request that needs two or three still
+    3 %)."""
     factory = session.info.get("unit_factory")
-    if factory is not None and "units" not in session.info:
-        attach_units(session, factory)
+    if factory is not None:
+        attach_units(session, factory, codes)
 
 
 def forget_units() -> None:
@@ -388,7 +397,7 @@ def _new_request(ctx: Ctx, text: str, photos: list[str] | None = None) -> list[R
             token = ctx.st.start(
                 "kb_feedback", question=text, entry=entry.id, triage=_slim(result), photos=photos or []
             )
-            ensure_units(ctx.session)
+            ensure_units(ctx.session, [entry.unit])
             unit = ctx.session.get(Unit, entry.unit)
             source = f"来源：{unit.name if unit else entry.unit}，依据：{entry.basis or '—'}"
             source += f"（更新于 {entry.updated_at:%Y-%m-%d}）"
@@ -544,7 +553,7 @@ def _join(ctx: Ctx, action: str) -> list[Reply]:
 
 
 def _unit_names(session: Session, codes: list[str]) -> list[str]:
-    ensure_units(session)
+    ensure_units(session, codes)
     names = []
     for code in codes:
         unit = session.get(Unit, code)
@@ -657,8 +666,8 @@ def _photo(ctx: Ctx) -> list[Reply]:
 def _submit(ctx: Ctx) -> list[Reply]:
     d = dict(ctx.st.data)
     s = ctx.session
-    ensure_units(s)
     tri = d.get("triage") or {}
+    ensure_units(s, [*d.get("units", []), *(tri.get("co_units") or []), CENTER])
     el = extract_elements(d["text"])  # written with the ticket's INSERT (issue 8: not an UPDATE after it)
     ticket = create_ticket(
         s,
