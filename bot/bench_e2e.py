@@ -439,8 +439,9 @@ def own_cpu_seconds(pid: int | None) -> float:
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU time of this machine's PostgreSQL processes so far (every backend alive now and the server's
-    other processes; 0 when the database runs elsewhere)."""
+    """CPU time of this machine's PostgreSQL so far: its processes alive now, and the backends that have ended
+    (the server process counts its reaped children's time; without it, a connection closed between two
+    readings would take its CPU time with it). 0 when the database runs elsewhere."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -448,8 +449,8 @@ def postgres_cpu_seconds() -> float:
         except OSError:
             continue
         if head.endswith("(postgres"):
-            fields = rest.split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            fields = rest.split()  # utime, stime, cutime, cstime
+            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
 
 
