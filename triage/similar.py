@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -263,53 +263,68 @@ def find_similar(
             exclude_ticket_id=exclude_ticket_id, open_only=open_only, citizen_only=citizen_only, model=model,
             others_only=others_only, similar_wording_only=similar_wording_only, min_score=min_score,
         )
+    if citizen_only and citizen_id is None:
+        return []
     # plain columns, not Ticket objects: a search reads a few hundred rows and keeps at most ``limit``
-    columns = select(Ticket.id, Ticket.original_text, Ticket.ev_place, Ticket.citizen_id)
-    query = _window(columns, since, now, exclude_ticket_id, open_only)
-    if citizen_only:
-        if citizen_id is None:
-            return []
-        query = query.where(Ticket.citizen_id == citizen_id)
-    rows = session.execute(query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)).all()
+    query = _window(
+        select(Ticket.id, Ticket.original_text, Ticket.ev_place, Ticket.citizen_id),
+        exclude_ticket_id is not None, open_only, citizen_only,
+    )
+    params = {"since": since, "now": now, "exclude": exclude_ticket_id, "citizen": citizen_id}
+    rows = session.execute(query, params).all()
     if not rows:
         return []
+    near = _near_test(here, text)
     places = {}
-    by_place: dict[str, bool] = {}  # the few hundred rows name a few dozen places: compare each place once
     for tid, original, ev_place, _ in rows:
         there = place_of(original, ev_place)
-        near = by_place.get(there)
-        if near is None:
-            near = by_place[there] = same_place(here, there) or _named_in(there, text)
-        # the extracted place is one road of several a message names: also accept it inside the other text
-        places[tid] = (there, near or _named_in(here, original))
+        places[tid] = (there, near(there, original))
     emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
-    stored = ticket_embeddings(session, [r[0] for r in rows], model) if emb is not None and rows else {}
+    stored = ticket_embeddings(session, [r[0] for r in rows], model) if emb is not None else {}
     candidates = [(tid, original, owner, stored.get(tid), *places[tid]) for tid, original, _, owner in rows]
     return _ranked(
         session, text, emb, citizen_id, here, candidates, limit, min_score, others_only, similar_wording_only
     )
 
 
-def _window(
-    query: Select, since: datetime, now: datetime, exclude_ticket_id: int | None, open_only: bool
-) -> Select:
-    """``query`` kept to the tickets of the search window ``[since, now]`` that a search examines."""
-    query = query.where(
-        Ticket.created_at >= since,
-        Ticket.created_at <= now,
-        Ticket.status.notin_(EXCLUDED_STATUSES),
-    )
-    if exclude_ticket_id is not None:
-        query = query.where(Ticket.id != exclude_ticket_id)
-    if open_only:
-        query = query.where(Ticket.status.in_(sorted(OPEN_STATES)))
-    return query
+def _near_test(here: str, text: str) -> Callable[[str, str | None], bool]:
+    """Whether a ticket at place ``there`` with text ``original`` is at the place ``here`` of the message
+    ``text``: the same place, or either place named in the other's text (the extracted place is one road of
+    several a message names). A text of None is one known not to name ``here``. The few hundred tickets of a
+    search name a few dozen places: each place is compared once."""
+    by_place: dict[str, bool] = {}
+
+    def near(there: str, original: str | None) -> bool:
+        same = by_place.get(there)
+        if same is None:
+            same = by_place[there] = same_place(here, there) or _named_in(there, text)
+        return same or (original is not None and _named_in(here, original))
+
+    return near
 
 
 # issue 8: the statements of a search are built once (with bound parameters), so that a search does not spend
 # its time constructing SQL expressions and their cache keys anew (that cost more than reading the rows)
 _TEXTS = select(Ticket.id, Ticket.original_text).where(Ticket.id.in_(bindparam("ids", expanding=True)))
 _TICKETS = select(Ticket).where(Ticket.id.in_(bindparam("ids", expanding=True)))
+
+
+def _window(query: Select, exclude: bool, open_only: bool, citizen_only: bool) -> Select:
+    """``query`` kept to the tickets a search examines, most recent first: created in ``[:since, :now]``, not
+    rejected or redirected, not ``:exclude`` (``exclude``), open (``open_only``), of ``:citizen``
+    (``citizen_only``)."""
+    query = query.where(
+        Ticket.created_at >= bindparam("since"),
+        Ticket.created_at <= bindparam("now"),
+        Ticket.status.notin_(EXCLUDED_STATUSES),
+    )
+    if exclude:
+        query = query.where(Ticket.id != bindparam("exclude"))
+    if open_only:
+        query = query.where(Ticket.status.in_(sorted(OPEN_STATES)))
+    if citizen_only:
+        query = query.where(Ticket.citizen_id == bindparam("citizen"))
+    return query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)
 
 
 @lru_cache(maxsize=32)
@@ -323,20 +338,10 @@ def _same_place_scan(
     if named:
         needs_text = or_(needs_text, Ticket.original_text.like(bindparam("pattern"), escape="\\"))
     text_column = Ticket.original_text if all_texts else case((needs_text, Ticket.original_text), else_=null())
-    query = select(Ticket.id, Ticket.ev_place, text_column, Ticket.citizen_id).where(
-        Ticket.created_at >= bindparam("since"),
-        Ticket.created_at <= bindparam("now"),
-        Ticket.status.notin_(EXCLUDED_STATUSES),
-    )
-    if exclude:
-        query = query.where(Ticket.id != bindparam("exclude"))
-    if open_only:
-        query = query.where(Ticket.status.in_(sorted(OPEN_STATES)))
-    if citizen_only:
-        query = query.where(Ticket.citizen_id == bindparam("citizen"))
+    query = select(Ticket.id, Ticket.ev_place, text_column, Ticket.citizen_id)
     if others:  # the citizen's own tickets take no place in the scan
         query = query.where(or_(Ticket.citizen_id.is_(None), Ticket.citizen_id != bindparam("citizen")))
-    return query.order_by(Ticket.created_at.desc()).limit(SCAN_LIMIT)
+    return _window(query, exclude, open_only, citizen_only)
 
 
 @lru_cache(maxsize=2)
@@ -372,13 +377,14 @@ def _rank_same_place(
 ) -> list[SimilarTicket]:
     """:func:`find_similar` for candidates at the same place only (the "join this ticket" offer), with the
     same result, reading less (issue 8: the scan of the 500 most recent open tickets, each with its text, was
-    the biggest single cost of a bot under load, 15 % of its samples holding the GIL in a profile). The scan reads each ticket's stored place
-    and its text only where the place must be found in the text or the text may name this place; the texts and
-    vectors of the few tickets at this place come with one more statement. Without the message's vector the
-    wording is compared word by word: the scan then reads every text, and nothing more is read."""
-    named = len(here) >= 3  # :func:`_named_in` needs that many characters
+    the biggest single cost of a bot under load, 15 % of its samples holding the GIL in a profile). The scan
+    reads each ticket's stored place and its text only where the place must be found in the text or the text
+    may name this place; the texts and vectors of the few tickets at this place come with one more statement.
+    Without the message's vector the wording is compared word by word: the scan then reads every text, and
+    nothing more is read."""
     if citizen_only and citizen_id is None:
         return []
+    named = len(here) >= 3  # :func:`_named_in` needs that many characters
     others = others_only and citizen_id is not None
     emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(-1)
     query = _same_place_scan(named, exclude_ticket_id is not None, open_only, citizen_only, others, emb is None)
@@ -386,38 +392,33 @@ def _rank_same_place(
     if named:
         params["pattern"] = _like_any_naming(here)
     rows = session.execute(query, params).all()
-    near_ids: dict[int, str] = {}
-    texts: dict[int, tuple[str, int | None]] = {}  # without a vector: the text and owner of each one near
-    by_place: dict[str, bool] = {}
-    unread: list[int] = []  # a blank place that SQL's trim() did not see as blank (a tab, say): read its text
+    near = _near_test(here, text)
+    at_place: dict[int, tuple[str, str | None, int | None]] = {}  # id: place, text (if read), owner
+    unread: dict[int, int | None] = {}  # id: owner; a blank place SQL's trim() did not see (a tab): read the text
     for tid, ev_place, original, owner in rows:
         if ev_place and ev_place.strip():
             there = _norm_place(ev_place)
         elif original is not None:
             there = place_of(original, None)
         else:
-            unread.append(tid)
+            unread[tid] = owner
             continue
-        near = by_place.get(there)
-        if near is None:
-            near = by_place[there] = same_place(here, there) or _named_in(there, text)
-        if near or (named and original is not None and _named_in(here, original)):
-            near_ids[tid] = there
-            texts[tid] = (original, owner)
+        if near(there, original):
+            at_place[tid] = (there, original, owner)
     if unread:
-        for tid, original in session.execute(_TEXTS, {"ids": unread}):
+        for tid, original in session.execute(_TEXTS, {"ids": list(unread)}):
             there = place_of(original, None)
-            if same_place(here, there) or _named_in(there, text) or _named_in(here, original):
-                near_ids[tid] = there
-    if not near_ids:
+            if near(there, original):
+                at_place[tid] = (there, original, unread[tid])
+    if not at_place:
         return []
-    if emb is None and len(texts) == len(near_ids):
-        found = [(tid, *texts[tid], None, None) for tid in near_ids]
+    if emb is None:  # every text is read now: the wording is compared word by word
+        found = [(tid, original, owner, None, None) for tid, (_, original, owner) in at_place.items()]
     else:
-        found = session.execute(_near_tickets(model is not None), {"ids": list(near_ids), "model": model}).all()
+        found = session.execute(_near_tickets(model is not None), {"ids": list(at_place), "model": model}).all()
     candidates = [
         (tid, original, owner, _vector(vector, dim) if emb is not None and vector is not None else None,
-         near_ids[tid], True)
+         at_place[tid][0], True)
         for tid, original, owner, vector, dim in found
     ]
     return _ranked(
